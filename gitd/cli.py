@@ -1,0 +1,162 @@
+"""The `devflow` command: run the daemon, bootstrap identity offline, or manage through the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from gitd import __version__
+from gitd.commands import table
+from gitd.commands.api_client import ApiClient
+from gitd.errors import DevflowError
+
+CLI_CONFIG = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "devflow" / "cli.json"
+
+
+def _settings(args: argparse.Namespace):
+    from gitd.settings import Settings
+
+    fields = ("data_dir", "host", "ssh_port", "http_port", "router_port", "domain", "git_backend", "max_push_bytes")
+    given = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise DevflowError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+
+
+def _directory(args: argparse.Namespace):
+    from gitd.database import open_state
+    from gitd.identity.directory import Directory
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Directory(open_state(settings.state_url))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from gitd.daemon import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(_settings(args))
+    return 0
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    record = _directory(args).add_key(args.user, text, admin=args.admin)
+    print(json.dumps(record, indent=2) if args.json else
+          f"added key {record['fingerprint']} for user {record['user']}{' (admin)' if args.admin else ''}")
+    return 0
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from gitd.identity.directory import now
+
+    expires = now() + timedelta(days=args.expires_days) if args.expires_days else None
+    record = _directory(args).create_token(args.user, args.description, expires, create_user=args.create_user)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"token {record['id']} for {record['user']} (shown once, keep it safe):\n{record['token']}")
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    client = ApiClient(args.url, args.token)
+    who = client.whoami()
+    CLI_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    CLI_CONFIG.touch(mode=0o600)
+    CLI_CONFIG.write_text(json.dumps({"url": args.url, "token": args.token}))
+    print(f"logged in to {args.url} as {who['name']}")
+    return 0
+
+
+def _api_client() -> ApiClient:
+    saved = json.loads(CLI_CONFIG.read_text()) if CLI_CONFIG.exists() else {}
+    url = os.environ.get("DEVFLOW_URL") or saved.get("url") or "http://127.0.0.1:8000"
+    token = os.environ.get("DEVFLOW_TOKEN") or saved.get("token")
+    if not token:
+        raise DevflowError("no API token: run `devflow login --url URL --token TOKEN` or set DEVFLOW_TOKEN")
+    return ApiClient(url, token)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                          help="state directory (default ~/.local/share/devflow, or DEVFLOW_DATA_DIR)")
+    parser = argparse.ArgumentParser(
+        prog="devflow", parents=[data_dir],
+        description="DevFlow: self-hosted git push to deploy. Management commands (apps:create, keys:add, ...) "
+                    "talk to a running daemon's API; run `devflow help` for them.",
+    )
+    parser.add_argument("--version", action="version", version=f"devflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", parents=[data_dir], help="run the daemon in the foreground")
+    up.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    up.add_argument("--ssh-port", type=int, help="SSH port (default 2222)")
+    up.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
+    up.add_argument("--router-port", type=int, help="router port (default 8080)")
+    up.add_argument("--domain", help="apps are served at <app>.<domain> (default localhost)")
+    up.add_argument("--git-backend", choices=["auto", "cgit", "dulwich"], help="pack exchange (default auto)")
+    up.add_argument("--max-push-bytes", type=int, help="largest pack one push may send (0: no limit)")
+    up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    up.set_defaults(run=cmd_up)
+
+    keys = sub.add_parser("keys", help="SSH keys, on the data directory (no daemon needed)")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    add = keys_sub.add_parser("add", parents=[data_dir], help="add a public key for a user, creating the user")
+    add.add_argument("--user", required=True)
+    add.add_argument("--admin", action="store_true", help="make the user a platform admin")
+    add.add_argument("--json", action="store_true")
+    add.add_argument("file", help="public key file, or - for stdin")
+    add.set_defaults(run=cmd_keys_add)
+
+    tokens = sub.add_parser("tokens", help="HTTP tokens, on the data directory (no daemon needed)")
+    tokens_sub = tokens.add_subparsers(dest="action", required=True)
+    create = tokens_sub.add_parser("create", parents=[data_dir], help="create a token for a user")
+    create.add_argument("--user", required=True)
+    create.add_argument("--description", default="")
+    create.add_argument("--expires-days", type=int)
+    create.add_argument("--create-user", action="store_true", help="create the user if missing")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(run=cmd_tokens_create)
+
+    login = sub.add_parser("login", help="save the daemon URL and token the management commands use")
+    login.add_argument("--url", required=True)
+    login.add_argument("--token", required=True)
+    login.set_defaults(run=cmd_login)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "help":
+            sys.stdout.write(table.usage())
+            return 0
+        if argv and argv[0] in table.BY_NAME:
+            sys.stdout.write(table.run(argv, _api_client(), sys.stdin.read))
+            return 0
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except DevflowError as exc:
+        print(f"devflow: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"devflow: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

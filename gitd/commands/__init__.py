@@ -1,0 +1,1 @@
+"""Dokku-style management commands, defined once for SSH and the `devflow` CLI."""

@@ -1,0 +1,83 @@
+"""Operations served by a running daemon's REST API: what the `devflow` CLI talks to."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from gitd.errors import Conflict, DevflowError, Forbidden, InvalidInput, NotFound, Unauthorized
+
+ERRORS = {400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict}
+
+
+class ApiClient:
+    def __init__(self, url: str, token: str, transport: httpx.BaseTransport | None = None) -> None:
+        self.http = httpx.Client(base_url=url.rstrip("/") + "/api/", transport=transport, timeout=30,
+                                 headers={"Authorization": f"Bearer {token}"})
+
+    def _call(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> Any:
+        try:
+            response = self.http.request(method, path, json=body,
+                                         params={k: v for k, v in (params or {}).items() if v is not None})
+        except httpx.HTTPError as exc:
+            raise DevflowError(f"cannot reach the DevFlow daemon at {self.http.base_url}: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {response.status_code}: {response.text[:200]}"
+            raise ERRORS.get(response.status_code, DevflowError)(message)
+        return response.json()
+
+    def whoami(self) -> dict:
+        return self._call("GET", "whoami")
+
+    def apps_list(self) -> list[dict]:
+        return self._call("GET", "apps")
+
+    def apps_create(self, name: str) -> dict:
+        return self._call("POST", "apps", {"name": name})
+
+    def apps_info(self, name: str) -> dict:
+        return self._call("GET", f"apps/{quote(name, safe='')}")
+
+    def apps_destroy(self, name: str) -> dict:
+        return self._call("DELETE", f"apps/{quote(name, safe='')}")
+
+    def apps_set(self, name: str, setting: str, value: str) -> dict:
+        return self._call("PUT", f"apps/{quote(name, safe='')}/settings/{quote(setting, safe='')}", {"value": value})
+
+    def keys_add(self, key_text: str, user: str | None = None) -> dict:
+        return self._call("POST", "keys", {"key": key_text, "user": user})
+
+    def keys_list(self, user: str | None = None) -> list[dict]:
+        return self._call("GET", "keys", params={"user": user})
+
+    def keys_remove(self, fingerprint: str) -> dict:
+        return self._call("DELETE", f"keys/{quote(fingerprint, safe=':')}")
+
+    def tokens_create(self, user: str | None = None, description: str = "", expires_days: int | None = None) -> dict:
+        return self._call("POST", "tokens", {"user": user, "description": description, "expires_days": expires_days})
+
+    def tokens_list(self, user: str | None = None) -> list[dict]:
+        return self._call("GET", "tokens", params={"user": user})
+
+    def tokens_revoke(self, token_id: int) -> dict:
+        return self._call("DELETE", f"tokens/{int(token_id)}")
+
+    def collaborators_list(self, app: str) -> list[dict]:
+        return self._call("GET", f"apps/{quote(app, safe='')}/collaborators")
+
+    def collaborators_add(self, app: str, user: str, role: str) -> dict:
+        return self._call("PUT", f"apps/{quote(app, safe='')}/collaborators/{quote(user, safe='')}", {"role": role})
+
+    def collaborators_remove(self, app: str, user: str) -> dict:
+        return self._call("DELETE", f"apps/{quote(app, safe='')}/collaborators/{quote(user, safe='')}")
+
+    def users_list(self) -> list[dict]:
+        return self._call("GET", "users")
+
+    def users_set(self, name: str, flag: str, value: bool) -> dict:
+        return self._call("PATCH", f"users/{quote(name, safe='')}", {"flag": flag, "value": value})

@@ -1,0 +1,1 @@
+"""Git repositories and the pack exchange (C git or dulwich) behind SSH and HTTP."""

@@ -1,0 +1,86 @@
+"""`upload-pack` / `receive-pack` on stdin/stdout with dulwich: C git's stand-in.
+
+Run as `python -m gitd.git.dulwich_service SERVICE [--stateless-rpc] [--advertise-refs] REPO`.
+Pushes go through the same daemon gate as C git's pre-receive hook, and push options
+are supported, so both backends behave the same for a pusher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dulwich.protocol import CAPABILITY_PUSH_OPTIONS, SIDE_BAND_CHANNEL_PROGRESS, ReceivableProtocol
+from dulwich.repo import Repo
+from dulwich.server import DictBackend, ReceivePackHandler, UploadPackHandler
+
+from gitd.git.hook_client import ask_gate
+
+DECLINED = b"pre-receive hook declined"
+
+
+class GatedReceivePackHandler(ReceivePackHandler):
+    max_input_size: int | None = None
+
+    def capabilities(self):
+        return [*super().capabilities(), CAPABILITY_PUSH_OPTIONS]
+
+    def _receive_max_input_size(self) -> int | None:
+        return self.max_input_size
+
+    def _on_pre_receive(self, client_refs) -> None:
+        # Called right after the command list, which is where push options follow.
+        self._updates = [[old.decode(), new.decode(), ref.decode()] for old, new, ref in client_refs]
+        self._options: list[str] = []
+        if self.has_capability(CAPABILITY_PUSH_OPTIONS):
+            while (line := self.proto.read_pkt_line()) is not None:
+                self._options.append(line.rstrip(b"\n").decode())
+        self._verdict: bool | None = None
+
+    def _say(self, text: str) -> None:
+        if self.has_capability(b"side-band-64k"):
+            self.proto.write_sideband(SIDE_BAND_CHANNEL_PROGRESS, text.encode() + b"\n")
+        else:
+            sys.stderr.write(text + "\n")
+
+    def _on_update(self, ref_name, old_sha, new_sha) -> bytes | None:
+        # The first ref decides for the whole push, with every update in view (pre-receive semantics).
+        if self._verdict is None:
+            accept, reason = ask_gate(
+                os.environ["DEVFLOW_HOOK_SOCKET"], os.environ["DEVFLOW_PUSH_ID"],
+                self._updates, self._options, {"GIT_DIR": self.repo.path}, self._say,
+            )
+            if not accept:
+                self._say(f"error: push refused: {reason}")
+            self._verdict = accept
+        return None if self._verdict else DECLINED
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="dulwich_service")
+    parser.add_argument("service", choices=["upload-pack", "receive-pack"])
+    parser.add_argument("--stateless-rpc", action="store_true")
+    parser.add_argument("--advertise-refs", action="store_true")
+    parser.add_argument("--max-input-size", type=int, default=0)
+    parser.add_argument("repo")
+    args = parser.parse_args()
+
+    out = sys.stdout.buffer
+
+    def write(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    proto = ReceivableProtocol(sys.stdin.buffer.read, write)
+    repo = Repo(args.repo)
+    backend = DictBackend({"/": repo})
+    handler_cls = UploadPackHandler if args.service == "upload-pack" else GatedReceivePackHandler
+    GatedReceivePackHandler.max_input_size = args.max_input_size or None
+    handler = handler_cls(backend, ["/"], proto, stateless_rpc=args.stateless_rpc, advertise_refs=args.advertise_refs)
+    handler.handle()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

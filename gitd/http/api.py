@@ -1,0 +1,96 @@
+"""The REST API under /api: the management operations as resources, Bearer-token authenticated."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from gitd.errors import DevflowError, InvalidInput
+from gitd.http.auth import authenticate
+from gitd.identity.directory import Directory
+from gitd.identity.roles import Actor
+from gitd.management import Management
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Management, Request, dict], Any]
+
+
+async def _json_body(request: Request) -> dict:
+    if request.method in ("GET", "DELETE"):
+        return {}
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return body
+
+
+def _field(body: dict, name: str, kind: type = str, required: bool = True) -> Any:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise InvalidInput(f"field {name!r} must be a {kind.__name__}")
+    return value
+
+
+def api_routes(directory: Directory, management_for: Callable[[Actor], Management]) -> list[Route]:
+    def endpoint(handler: Handler, status: int = 200) -> Callable[[Request], Awaitable[JSONResponse]]:
+        async def run(request: Request) -> JSONResponse:
+            try:
+                actor = await authenticate(request, directory)
+                body = await _json_body(request)
+                result = await asyncio.to_thread(handler, management_for(actor), request, body)
+            except DevflowError as exc:
+                return JSONResponse({"error": exc.message}, status_code=exc.status)
+            return JSONResponse(result, status_code=status)
+
+        return run
+
+    def p(request: Request, name: str) -> str:
+        return request.path_params[name]
+
+    def q(request: Request, name: str) -> str | None:
+        return request.query_params.get(name)
+
+    return [
+        Route("/api/whoami", endpoint(lambda m, r, b: m.whoami())),
+        Route("/api/apps", endpoint(lambda m, r, b: m.apps_list())),
+        Route("/api/apps", endpoint(lambda m, r, b: m.apps_create(_field(b, "name")), 201), methods=["POST"]),
+        Route("/api/apps/{app}", endpoint(lambda m, r, b: m.apps_info(p(r, "app")))),
+        Route("/api/apps/{app}", endpoint(lambda m, r, b: m.apps_destroy(p(r, "app"))), methods=["DELETE"]),
+        Route("/api/apps/{app}/settings/{setting}",
+              endpoint(lambda m, r, b: m.apps_set(p(r, "app"), p(r, "setting"), _field(b, "value"))), methods=["PUT"]),
+        Route("/api/apps/{app}/collaborators", endpoint(lambda m, r, b: m.collaborators_list(p(r, "app")))),
+        Route("/api/apps/{app}/collaborators/{user}",
+              endpoint(lambda m, r, b: m.collaborators_add(p(r, "app"), p(r, "user"), _field(b, "role"))),
+              methods=["PUT"]),
+        Route("/api/apps/{app}/collaborators/{user}",
+              endpoint(lambda m, r, b: m.collaborators_remove(p(r, "app"), p(r, "user"))), methods=["DELETE"]),
+        Route("/api/keys", endpoint(lambda m, r, b: m.keys_list(q(r, "user")))),
+        Route("/api/keys", endpoint(lambda m, r, b: m.keys_add(_field(b, "key"), _field(b, "user", required=False)),
+                                    201), methods=["POST"]),
+        Route("/api/keys/{fingerprint:path}", endpoint(lambda m, r, b: m.keys_remove(p(r, "fingerprint"))),
+              methods=["DELETE"]),
+        Route("/api/tokens", endpoint(lambda m, r, b: m.tokens_list(q(r, "user")))),
+        Route("/api/tokens", endpoint(lambda m, r, b: m.tokens_create(
+            _field(b, "user", required=False), b.get("description") or "",
+            _field(b, "expires_days", int, required=False)), 201), methods=["POST"]),
+        Route("/api/tokens/{id:int}", endpoint(lambda m, r, b: m.tokens_revoke(p(r, "id"))), methods=["DELETE"]),
+        Route("/api/users", endpoint(lambda m, r, b: m.users_list())),
+        Route("/api/users/{name}", endpoint(lambda m, r, b: m.users_set(
+            p(r, "name"), _field(b, "flag"), _field(b, "value", bool))), methods=["PATCH"]),
+    ]

@@ -1,0 +1,1 @@
+"""Who is talking: users, SSH keys, HTTP tokens and per-app roles."""

@@ -1,0 +1,56 @@
+"""Daemon settings: flags, then DEVFLOW_* environment variables, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "devflow"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEVFLOW_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    ssh_port: int = Field(default=2222, ge=0, le=65535)
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    router_port: int = Field(default=8080, ge=0, le=65535)
+    domain: str = "localhost"
+    database_url: str | None = None
+    # "auto" uses C git when it is installed, dulwich's pure-Python handlers otherwise.
+    git_backend: str = "auto"
+    # Largest pack one push may send, in bytes; 0 means no limit.
+    max_push_bytes: int = Field(default=2 * 1024**3, ge=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("git_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in ("auto", "cgit", "dulwich"):
+            raise ValueError("git_backend must be auto, cgit or dulwich")
+        return value
+
+    @property
+    def repos_dir(self) -> Path:
+        return self.data_dir / "repos"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def host_key_path(self) -> Path:
+        return self.data_dir / "ssh_host_ed25519_key"
+
+    @property
+    def state_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'state.db'}"

@@ -1,0 +1,1 @@
+"""The SSH front door: public-key auth, git pack exchange and management commands."""

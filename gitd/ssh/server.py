@@ -1,0 +1,82 @@
+"""asyncssh server: who may connect, and what a session may ask for (exec only)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import asyncssh
+
+from gitd.identity.directory import Directory
+from gitd.identity.roles import Actor
+from gitd.ssh.session import SessionHandler
+
+log = logging.getLogger(__name__)
+
+WINDOW = 8 * 1024 * 1024
+MAX_PACKET = 256 * 1024
+
+
+def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
+    if path.exists():
+        return asyncssh.read_private_key(str(path))
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key.write_private_key(str(path))
+    path.chmod(0o600)
+    key.write_public_key(str(path) + ".pub")
+    return key
+
+
+class AuthServer(asyncssh.SSHServer):
+    """One instance per connection; only public keys, and only the one the client proved."""
+
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self._candidate: Actor | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # asyncssh calls this for a key offered without a signature too; the key is only
+        # trusted when auth_completed() follows, which asyncssh does only after it checked
+        # the signature of the request that called this last.
+        self._candidate = await asyncio.to_thread(self.directory.actor_for_key, key)
+        return self._candidate is not None
+
+    def auth_completed(self) -> None:
+        assert self.conn is not None and self._candidate is not None
+        self.conn.set_extra_info(devflow_actor=self._candidate)
+        log.info("ssh: %s authenticated (%s) from %s", self._candidate.name, self._candidate.via,
+                 self.conn.get_extra_info("peername"))
+
+
+async def start_ssh_server(
+    host: str, port: int, host_key: asyncssh.SSHKey, directory: Directory, sessions: SessionHandler,
+) -> asyncssh.SSHAcceptor:
+    return await asyncssh.create_server(
+        lambda: AuthServer(directory),
+        host, port,
+        server_host_keys=[host_key],
+        process_factory=sessions.handle,
+        encoding=None,
+        allow_pty=False,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        password_auth=False,
+        kbdint_auth=False,
+        window=WINDOW,
+        max_pktsize=MAX_PACKET,
+        login_timeout=30,
+        keepalive_interval=30,
+        server_version="DevFlow",
+    )

@@ -1,0 +1,115 @@
+"""One SSH exec request: a git pack exchange or a management command. No shell, ever."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+
+import asyncssh
+
+from gitd.commands import table
+from gitd.errors import DevflowError
+from gitd.git.git_service import GitService
+from gitd.identity.roles import Actor
+from gitd.management import Management
+
+log = logging.getLogger(__name__)
+
+GIT_COMMANDS = {"git-upload-pack": "upload-pack", "git-receive-pack": "receive-pack"}
+MAX_COMMAND = 64 * 1024
+
+
+def split_git_command(argv: list[str]) -> tuple[str, str] | None:
+    """('upload-pack', '/app.git') for `git-upload-pack '/app.git'` or `git upload-pack ...`."""
+    if len(argv) == 3 and argv[0] == "git" and f"git-{argv[1]}" in GIT_COMMANDS:
+        argv = [f"git-{argv[1]}", argv[2]]
+    if argv and argv[0] in GIT_COMMANDS:
+        if len(argv) != 2:
+            raise DevflowError(f"{argv[0]} takes exactly one repository path")
+        return GIT_COMMANDS[argv[0]], argv[1]
+    return None
+
+
+class SessionHandler:
+    def __init__(self, git: GitService, management_for) -> None:
+        self.git = git
+        self.management_for = management_for  # Actor -> Management
+
+    async def handle(self, process: asyncssh.SSHServerProcess) -> None:
+        actor: Actor = process.get_extra_info("devflow_actor")
+        try:
+            status = await self._dispatch(process, actor)
+        except DevflowError as exc:
+            process.stderr.write(f"error: {exc.message}\n".encode())
+            status = 1
+        except (asyncssh.BreakReceived, asyncssh.SignalReceived, asyncssh.TerminalSizeChanged):
+            status = 1
+        except (BrokenPipeError, ConnectionError, asyncssh.DisconnectError):
+            log.info("ssh: client %s went away", actor.name)
+            return
+        except Exception:
+            log.exception("ssh: command from %s failed: %r", actor.name, process.command)
+            process.stderr.write(b"error: internal error in the DevFlow daemon; see its log\n")
+            status = 1
+        process.exit(status)
+
+    async def _dispatch(self, process: asyncssh.SSHServerProcess, actor: Actor) -> int:
+        if process.subsystem:
+            raise DevflowError(f"the {process.subsystem} subsystem is not available")
+        command = process.command
+        if command is None:
+            process.stderr.write(
+                f"Hi {actor.name}! You are authenticated, but DevFlow provides no shell access.\n"
+                "Run `ssh ... help` for the commands.\n".encode()
+            )
+            return 1
+        if len(command) > MAX_COMMAND:
+            raise DevflowError("command too long")
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise DevflowError(f"cannot parse the command: {exc}") from None
+        git = split_git_command(argv)
+        if git is not None:
+            return await self._git(process, actor, *git)
+        return await self._management(process, actor, argv)
+
+    async def _git(self, process: asyncssh.SSHServerProcess, actor: Actor, service: str, path: str) -> int:
+        app = await self.git.authorize(actor, path, service)  # type: ignore[arg-type]
+        protocol = process.env.get("GIT_PROTOCOL")
+
+        async def client_bytes():
+            while chunk := await process.stdin.read(256 * 1024):
+                yield chunk
+
+        async with self.git.exchange(
+            actor, app, service, "ssh",  # type: ignore[arg-type]
+            protocol=protocol, stateless=False, advertise=False, on_stderr=process.stderr.write,
+        ) as pack:
+            feeder = asyncio.create_task(pack.feed(client_bytes()))
+            try:
+                async for chunk in pack.output():
+                    process.stdout.write(chunk)
+                    await process.stdout.drain()
+                return await pack.wait()
+            finally:
+                feeder.cancel()
+
+    async def _management(self, process: asyncssh.SSHServerProcess, actor: Actor, argv: list[str]) -> int:
+        loop = asyncio.get_running_loop()
+
+        async def read_all() -> bytes:
+            data = b""
+            while len(data) <= MAX_COMMAND and (chunk := await process.stdin.read(MAX_COMMAND)):
+                data += chunk
+            if len(data) > MAX_COMMAND:
+                raise DevflowError("standard input too large")
+            return data
+
+        def read_stdin() -> str:
+            return asyncio.run_coroutine_threadsafe(read_all(), loop).result().decode("utf-8", "replace")
+
+        output = await asyncio.to_thread(table.run, argv, self.management_for(actor), read_stdin)
+        process.stdout.write(output.encode())
+        return 0

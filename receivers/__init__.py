@@ -1,0 +1,1 @@
+"""receivers: what a push (or, later, a forge webhook) means, and who hears about it."""
