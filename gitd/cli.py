@@ -43,6 +43,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from gitd.daemon import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
     serve(_settings(args))
     return 0
 

@@ -11,6 +11,7 @@ from gitd.git.pack_process import clean_env
 
 class CGitBackend:
     name = "cgit"
+    protocol_v2 = True
 
     def __init__(self, git: str, limits: PackLimits) -> None:
         self.git = git

@@ -26,6 +26,7 @@ def _can_fast_forward(repo: Path, old: str, new: str) -> bool:
 
 class DulwichBackend:
     name = "dulwich"
+    protocol_v2 = False
 
     def __init__(self, limits: PackLimits) -> None:
         self.limits = limits

@@ -46,6 +46,10 @@ class GitService:
             await asyncio.to_thread(self.apps.authorize, actor, app, Role.READ)
         return app
 
+    def protocol(self, requested: str | None) -> str | None:
+        """The GIT_PROTOCOL value the pack program will honour; clients fall back to v0 without one."""
+        return requested if requested and self.backend.protocol_v2 else None
+
     @asynccontextmanager
     async def exchange(
         self, actor: Actor, app: str, service: Service, transport: str, *,
@@ -53,7 +57,7 @@ class GitService:
     ) -> AsyncIterator[PackProcess]:
         repo = self.apps.repositories.path(app)
         env: dict[str, str] = {}
-        if protocol:
+        if protocol := self.protocol(protocol):
             env["GIT_PROTOCOL"] = protocol
         pushing = service == "receive-pack" and not advertise
         async with AsyncExitStack() as stack:

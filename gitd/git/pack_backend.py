@@ -22,6 +22,7 @@ class PackLimits:
 
 class PackBackend(Protocol):
     name: str
+    protocol_v2: bool  # whether it answers GIT_PROTOCOL=version=2
 
     def command(self, service: Service, repo: Path, *, stateless: bool, advertise: bool) -> list[str]:
         """The argv that serves `service` on stdin/stdout."""

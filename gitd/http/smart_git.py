@@ -67,7 +67,7 @@ class PackResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = "advertisement" if self.advertise else "result"
         headers = {**NO_CACHE, "Content-Type": f"application/x-git-{self.service}-{kind}"}
-        protocol = self.request.headers.get("git-protocol")
+        protocol = self.git.protocol(self.request.headers.get("git-protocol"))
         actor = self.request.state.actor
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
