@@ -22,7 +22,8 @@ CLI_CONFIG = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / 
 def _settings(args: argparse.Namespace):
     from gitd.settings import Settings
 
-    fields = ("data_dir", "host", "ssh_port", "http_port", "router_port", "domain", "git_backend", "max_push_bytes")
+    fields = ("data_dir", "host", "ssh_port", "http_port", "router_port", "domain", "git_backend", "max_push_bytes",
+              "apps_dir", "extra_ca_certs", "app_user", "max_concurrent_builds")
     given = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     try:
         return Settings(**given)
@@ -35,7 +36,8 @@ def _directory(args: argparse.Namespace):
     from gitd.identity.directory import Directory
 
     settings = _settings(args)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Private until `devflow up` opens it for traversal: the state database holds keys and tokens.
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return Directory(open_state(settings.state_url))
 
 
@@ -61,6 +63,9 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 
     from gitd.identity.directory import now
 
+    if args.expires_days is not None and args.expires_days <= 0:
+        # 0 would otherwise read as "no expiry": the opposite of what was asked.
+        raise DevflowError("--expires-days must be a positive number of days")
     expires = now() + timedelta(days=args.expires_days) if args.expires_days else None
     record = _directory(args).create_token(args.user, args.description, expires, create_user=args.create_user)
     if args.json:
@@ -75,6 +80,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     who = client.whoami()
     CLI_CONFIG.parent.mkdir(parents=True, exist_ok=True)
     CLI_CONFIG.touch(mode=0o600)
+    CLI_CONFIG.chmod(0o600)  # touch's mode applies only to a new file; the token must not sit in an old 0644 one
     CLI_CONFIG.write_text(json.dumps({"url": args.url, "token": args.token}))
     print(f"logged in to {args.url} as {who['name']}")
     return 0
@@ -109,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--domain", help="apps are served at <app>.<domain> (default localhost)")
     up.add_argument("--git-backend", choices=["auto", "cgit", "dulwich"], help="pack exchange (default auto)")
     up.add_argument("--max-push-bytes", type=int, help="largest pack one push may send (0: no limit)")
+    up.add_argument("--apps-dir", type=Path, help="builds and dependency caches (default DATA_DIR/apps)")
+    up.add_argument("--extra-ca-certs", type=Path,
+                    help="PEM file of CA certificates builds trust besides the system's (TLS-intercepting proxies)")
+    up.add_argument("--app-user", help="user builds and apps run as when the daemon runs as root (default nobody)")
+    up.add_argument("--max-concurrent-builds", type=int, help="builds at once over all apps (default 2)")
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     up.set_defaults(run=cmd_up)
 
@@ -147,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in table.BY_NAME:
             sys.stdout.write(table.run(argv, _api_client(), sys.stdin.read))
             return 0
+        if argv and ":" in argv[0]:
+            # A mistyped management command: argparse would list only up, keys, tokens and login.
+            raise DevflowError(f"unknown command {argv[0][:80]!r}; run `devflow help` for the list")
         args = build_parser().parse_args(argv)
         return args.run(args)
     except DevflowError as exc:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import signal
 import socket
 import tempfile
@@ -17,6 +18,7 @@ import uvicorn
 from gitd import __version__
 from gitd.apps import AppRegistry
 from gitd.database import open_state
+from gitd.deploy_management import DeployServices
 from gitd.git.git_service import GitService
 from gitd.git.hook_server import HookServer
 from gitd.git.hooks_dir import write_hooks
@@ -33,7 +35,19 @@ from gitd.management import Management
 from gitd.settings import Settings
 from gitd.ssh.server import load_or_create_host_key, start_ssh_server
 from gitd.ssh.session import SessionHandler
+from pipeline import MIGRATIONS as PIPELINE_MIGRATIONS
+from pipeline.builders.native_impl import NativeBuilder
+from pipeline.config_vars import ConfigVars
+from pipeline.deploy_settings import DeploySettings
+from pipeline.deployments import Deployments, Platform
+from pipeline.release_ledger import ReleaseLedger
+from receivers.deploys import DeployOnPush
 from receivers.push_receiver import PushReceiver
+from runtime.local.app_user import app_user_for
+from runtime.local.scheduler import LocalScheduler
+from runtime.process_logs import ProcessLogs
+from runtime.rollout import Rollout
+from runtime.router.builtin_impl import BuiltinRouter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +73,11 @@ def hook_socket_path(settings: Settings) -> Path:
     return short / "hooks.sock"
 
 
+def cannot_listen(host: str, port: int, exc: OSError) -> SystemExit:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return SystemExit(f"devflow: cannot listen on {host}:{port}: {reason}")
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -67,19 +86,38 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise SystemExit(f"devflow: cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise cannot_listen(host, port, exc) from None
     sock.listen(1024)
-    sock.set_inheritable(True)
     return sock
+
+
+def keep_private(db: Path) -> None:
+    """The SQLite state (users, keys, tokens, app config) is owner-only in a data dir others may traverse.
+
+    SQLite creates the -wal and -shm files with the database file's mode, so fixing the main file suffices
+    for new ones; existing ones are fixed too.
+    """
+    db.touch(mode=0o600, exist_ok=True)
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if path.exists():
+            path.chmod(0o600)
 
 
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        for path in (settings.data_dir, settings.repos_dir, settings.run_dir):
+        user = app_user_for(settings.app_user)
+        self.apps_root = settings.apps_root(lambda path: user is None or user.can_search(str(path)))
+        for path in (settings.data_dir, settings.repos_dir, settings.run_dir, self.apps_root, settings.logs_dir):
             path.mkdir(parents=True, exist_ok=True)
-        settings.data_dir.chmod(0o700)
-        sessions = open_state(settings.state_url)
+        if settings.database_url is None:
+            keep_private(settings.data_dir / "state.db")
+        # Others may only traverse the data dir: the app user reads its app's build, nothing else.
+        settings.data_dir.chmod(0o711)
+        for private in (settings.repos_dir, settings.run_dir, settings.logs_dir):
+            private.chmod(0o700)
+        self.apps_root.chmod(0o711)
+        sessions = open_state(settings.state_url, PIPELINE_MIGRATIONS)
         self.directory = Directory(sessions)
         self.apps = AppRegistry(sessions, Repositories(settings.repos_dir))
         self.backend = choose_backend(
@@ -87,6 +125,23 @@ class Daemon:
             PackLimits(hooks_dir=write_hooks(settings.data_dir / "hooks"), max_push_bytes=settings.max_push_bytes),
         )
         self.receiver = PushReceiver()
+        self.router = BuiltinRouter(settings.host, settings.router_port)
+        logs = ProcessLogs(settings.logs_dir)
+        scheduler = LocalScheduler(settings.run_dir / "processes", logs, user=user)
+        self.rollout = Rollout(scheduler, self.router, logs)
+        deploy_settings = DeploySettings(sessions)
+        self.deployments = Deployments(
+            sessions, ReleaseLedger(sessions), ConfigVars(sessions), deploy_settings,
+            NativeBuilder(settings.extra_ca_certs, preexec=scheduler.preexec), self.rollout, scheduler, logs,
+            self.apps_root, Platform(settings.domain, settings.router_port),
+            max_builds=settings.max_concurrent_builds,
+        )
+        self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings))
+        self.deploy_services = DeployServices(
+            self.deployments, self.deployments.config_vars, self.deployments.ledger, deploy_settings, self.rollout,
+            logs, self._run_on_loop,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
         push_sessions = PushSessions()
         self.hooks = HookServer(hook_socket_path(settings), push_sessions, PushGate(self.apps, self.backend, self.receiver))
         self.git = GitService(self.apps, self.backend, push_sessions, self.hooks.socket_path)
@@ -94,19 +149,31 @@ class Daemon:
         self._stop = asyncio.Event()
 
     def management_for(self, actor: Actor) -> Management:
-        return Management(self.directory, self.apps, actor)
+        return Management(self.directory, self.apps, actor, self.deploy_services)
+
+    def _run_on_loop(self, coroutine):
+        """For management calls in worker threads: run a pipeline coroutine on the daemon's loop."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
         s = self.settings
+        self._loop = asyncio.get_running_loop()
         http_sock = bind(s.host, s.http_port)
         http_port = http_sock.getsockname()[1]
+        await self.router.start()
+        # Apps first: by the time the daemon answers, every app is routed again.
+        await self.deployments.restore()
         await self.hooks.start()
-        ssh = await start_ssh_server(
-            s.host, s.ssh_port, self.host_key, self.directory, SessionHandler(self.git, self.management_for),
-        )
+        try:
+            ssh = await start_ssh_server(
+                s.host, s.ssh_port, self.host_key, self.directory, SessionHandler(self.git, self.management_for),
+            )
+        except OSError as exc:
+            raise cannot_listen(s.host, s.ssh_port, exc) from None
         ssh_port = ssh.sockets[0].getsockname()[1]
         info = ServiceInfo(
             version=__version__, host=s.host, ssh_port=ssh_port, http_url=f"http://{s.host}:{http_port}",
@@ -125,16 +192,19 @@ class Daemon:
             f"DevFlow {__version__} serving\n"
             f"  SSH   ssh://git@{s.host}:{ssh_port}/APP.git  (host key {info.host_key_fingerprint})\n"
             f"  HTTP  {info.http_url}  (smart git, /api, status page)\n"
-            f"  data  {s.data_dir}  (git backend: {self.backend.name})",
+            f"  apps  http://APP.{s.domain}:{self.router.port}  (router)\n"
+            f"  data  {s.data_dir}  (git backend: {self.backend.name}; builds in {self.apps_root})",
             flush=True,
         )
         await self._stop.wait()
-        log.info("shutting down")
+        log.info("shutting down; app processes keep running and are re-adopted at the next start")
         ssh.close()
         http.should_exit = True
         await http_task
         await ssh.wait_closed()
         await self.hooks.close()
+        await self.rollout.wait_drained()
+        await self.router.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         print("DevFlow stopped", flush=True)

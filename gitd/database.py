@@ -32,16 +32,18 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision; safe to run at every start."""
+def migrate(engine: Engine, script_location: Path = MIGRATIONS) -> None:
+    """Bring one package's tables to their newest revision; safe to run at every start."""
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(script_location))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
 
-def open_state(url: str) -> sessionmaker:
+def open_state(url: str, *more_migrations: Path) -> sessionmaker:
+    """The one engine every package shares; each package's migrations run in turn."""
     engine = make_engine(url)
-    migrate(engine)
+    for location in (MIGRATIONS, *more_migrations):
+        migrate(engine, location)
     return sessionmaker(engine, expire_on_commit=False)

@@ -5,20 +5,22 @@ from __future__ import annotations
 from datetime import timedelta
 
 from gitd.apps import AppRegistry
+from gitd.deploy_management import DeployManagement, DeployServices, pipeline_errors
 from gitd.errors import Forbidden, InvalidInput
 from gitd.identity.directory import Directory, now
-from gitd.identity.roles import Actor
+from gitd.identity.roles import Actor, Role
 
-APP_SETTINGS = ("protected-branches",)
+APP_SETTINGS = ("protected-branches", "deploy-branch")
 
 
-class Management:
+class Management(DeployManagement):
     """Every method checks the actor's rights before it acts."""
 
-    def __init__(self, directory: Directory, apps: AppRegistry, actor: Actor) -> None:
+    def __init__(self, directory: Directory, apps: AppRegistry, actor: Actor, deploys: DeployServices) -> None:
         self.directory = directory
         self.apps = apps
         self.actor = actor
+        self.deploys = deploys
 
     def _self_or_admin(self, user: str | None, what: str) -> str:
         target = user or self.actor.name
@@ -42,14 +44,20 @@ class Management:
         return self.apps.create(self.actor, name)
 
     def apps_info(self, name: str) -> dict:
-        return self.apps.info(self.actor, name)
+        return {**self.apps.info(self.actor, name), **self.deploy_info(name)}
 
     def apps_destroy(self, name: str) -> dict:
+        self.apps.authorize(self.actor, name, Role.ADMIN)
+        self.deploys.run(self.deploys.deployments.destroy(name))
         return self.apps.destroy(self.actor, name)
 
     def apps_set(self, name: str, setting: str, value: str) -> dict:
         if setting == "protected-branches":
             return self.apps.set_protected_branches(self.actor, name, value.replace(",", " ").split())
+        if setting == "deploy-branch":
+            self.apps.authorize(self.actor, name, Role.ADMIN)
+            with pipeline_errors():
+                return {"app": name, "deploy_branch": self.deploys.settings.set_deploy_branch(name, value.strip())}
         raise InvalidInput(f"unknown app setting {setting!r}; settable: {', '.join(APP_SETTINGS)}")
 
     # keys

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -26,6 +28,21 @@ class Settings(BaseSettings):
     git_backend: str = "auto"
     # Largest pack one push may send, in bytes; 0 means no limit.
     max_push_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # PEM file of extra CA certificates builds trust (pip, npm, go), for TLS-intercepting proxies.
+    extra_ca_certs: Path | None = None
+    # Builds running at once, over all apps.
+    max_concurrent_builds: int = Field(default=2, ge=1, le=64)
+    # Unix user builds and app processes run as when the daemon runs as root.
+    app_user: str = "nobody"
+    # Where builds and dependency caches live; they must be reachable by the app user.
+    apps_dir: Path | None = None
+
+    @field_validator("extra_ca_certs")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"{value} is not a file")
+        return value.expanduser().resolve() if value else None
 
     @field_validator("data_dir")
     @classmethod
@@ -46,6 +63,20 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    def apps_root(self, reachable: Callable[[Path], bool]) -> Path:
+        """data_dir/apps, unless the app user cannot reach into the data dir (a root daemon whose data lives
+        under /root or a private temp dir): then a directory of its own under /var/lib/devflow."""
+        if self.apps_dir is not None:
+            return self.apps_dir.expanduser().resolve()
+        if reachable(self.data_dir):
+            return self.data_dir / "apps"
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
+        return Path("/var/lib/devflow") / digest / "apps"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
 
     @property
     def host_key_path(self) -> Path:

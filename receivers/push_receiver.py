@@ -26,5 +26,7 @@ class PushReceiver:
         reply.say(f"DevFlow: {event.app} received {len(event.updates)} ref update(s) from {event.user}")
         for update in event.updates:
             reply.say(f"  {update.describe()}")
+        if event.options:
+            reply.say(f"  push options: {', '.join(event.options)}")
         for handler in self._handlers:
             await handler(event, reply)

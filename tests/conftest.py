@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,9 +55,11 @@ class Daemon:
     router_port: int
     admin_key: Path
     token: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None
     log: Path
     backend: str
+    extra_args: tuple[str, ...] = ()
+    apps_dir: Path | None = None
     extra_keys: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -137,28 +140,65 @@ def start_daemon(tmp: Path, backend: str = "auto", extra_args: tuple[str, ...] =
     admin_key = keygen(work / "admin_key")
     devflow("keys", "add", "--admin", "--user", "admin", str(admin_key) + ".pub", "--data-dir", str(data))
     token = json.loads(devflow("tokens", "create", "--user", "admin", "--json", "--data-dir", str(data)).stdout)["token"]
-    ssh_port, http_port, router_port = free_port(), free_port(), free_port()
-    log = tmp / "daemon.log"
+    # Builds must be reachable by the app user (nobody, under root), which pytest's 0700 tmp dirs are not.
+    apps = Path(tempfile.mkdtemp(prefix="devflow-test-apps-"))
+    apps.chmod(0o711)
+    daemon = Daemon(data, work, free_port(), free_port(), free_port(), admin_key, token, None, tmp / "daemon.log",
+                    backend, extra_args=("--apps-dir", str(apps), *extra_args), apps_dir=apps)
+    return launch(daemon)
+
+
+def launch(daemon: Daemon) -> Daemon:
+    """Run `devflow up` for this daemon's data dir and ports; return once SSH and HTTP answer."""
     proc = subprocess.Popen(
-        [*DEVFLOW, "up", "--data-dir", str(data), "--host", "127.0.0.1", "--ssh-port", str(ssh_port),
-         "--http-port", str(http_port), "--router-port", str(router_port), "--git-backend", backend, *extra_args],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+        [*DEVFLOW, "up", "--data-dir", str(daemon.data), "--host", "127.0.0.1", "--ssh-port", str(daemon.ssh_port),
+         "--http-port", str(daemon.http_port), "--router-port", str(daemon.router_port),
+         "--git-backend", daemon.backend, *daemon.extra_args],
+        stdout=daemon.log.open("a"), stderr=subprocess.STDOUT, cwd=ROOT,
     )
-    daemon = Daemon(data, work, ssh_port, http_port, router_port, admin_key, token, proc, log, backend)
+    daemon.proc = proc
     for _ in range(300):
         if proc.poll() is not None:
-            raise RuntimeError(f"devflow up exited: {log.read_text()}")
+            raise RuntimeError(f"devflow up exited: {daemon.log.read_text()}")
         try:
             httpx.get(daemon.http + "/healthz", timeout=1)
-            with socket.create_connection(("127.0.0.1", ssh_port), timeout=1):
+            with socket.create_connection(("127.0.0.1", daemon.ssh_port), timeout=1):
                 return daemon
         except (httpx.HTTPError, OSError):
             time.sleep(0.1)
     stop_daemon(daemon)
-    raise RuntimeError(f"devflow up did not start: {log.read_text()}")
+    raise RuntimeError(f"devflow up did not start: {daemon.log.read_text()}")
 
 
-def stop_daemon(daemon: Daemon) -> int:
+def stop_app_processes(data: Path) -> None:
+    """App processes outlive the daemon by design; a test stops the ones its daemon started."""
+    marker = str(data).encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGTERM)
+        except (OSError, ValueError):
+            continue
+    for _ in range(100):
+        alive = [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, marker)]
+        if not alive:
+            return
+        time.sleep(0.1)
+    for proc in alive:
+        try:
+            os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _cmdline_has(proc: Path, marker: bytes) -> bool:
+    try:
+        return marker in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def stop_daemon(daemon: Daemon, stop_apps: bool = True) -> int:
     if daemon.proc.poll() is None:
         daemon.proc.send_signal(signal.SIGTERM)
         try:
@@ -166,6 +206,10 @@ def stop_daemon(daemon: Daemon) -> int:
         except subprocess.TimeoutExpired:
             daemon.proc.kill()
             daemon.proc.wait()
+    if stop_apps:
+        stop_app_processes(daemon.data)
+        if daemon.apps_dir is not None:
+            shutil.rmtree(daemon.apps_dir, ignore_errors=True)
     return daemon.proc.returncode
 
 

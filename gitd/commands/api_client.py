@@ -76,6 +76,54 @@ class ApiClient:
     def collaborators_remove(self, app: str, user: str) -> dict:
         return self._call("DELETE", f"apps/{quote(app, safe='')}/collaborators/{quote(user, safe='')}")
 
+    def _app(self, app: str, rest: str = "") -> str:
+        return f"apps/{quote(app, safe='')}{rest}"
+
+    def config_show(self, app: str) -> dict:
+        return self._call("GET", self._app(app, "/config"))
+
+    def config_get(self, app: str, key: str) -> dict:
+        return self._call("GET", self._app(app, f"/config/{quote(key, safe='')}"))
+
+    def config_set(self, app: str, pairs: list[str], encoded: bool = False, restart: bool = True) -> dict:
+        return self._call("PATCH", self._app(app, "/config"), {"set": pairs, "encoded": encoded, "restart": restart})
+
+    def config_unset(self, app: str, keys: list[str], restart: bool = True) -> dict:
+        return self._call("PATCH", self._app(app, "/config"), {"unset": keys, "restart": restart})
+
+    def releases(self, app: str) -> list[dict]:
+        return self._call("GET", self._app(app, "/releases"))
+
+    def rollback(self, app: str, version: str) -> dict:
+        return self._call("POST", self._app(app, "/releases"), {"rollback": version})
+
+    def ps(self, app: str) -> list[dict]:
+        return self._call("GET", self._app(app, "/processes"))
+
+    def ps_scale(self, app: str, pairs: list[str]) -> dict:
+        return self._call("PATCH", self._app(app, "/formation"), {"scale": pairs})
+
+    def ps_restart(self, app: str) -> dict:
+        return self._call("POST", self._app(app, "/processes/restart"))
+
+    def ps_stop(self, app: str) -> dict:
+        return self._call("POST", self._app(app, "/processes/stop"))
+
+    def ps_start(self, app: str) -> dict:
+        return self._call("POST", self._app(app, "/processes/start"))
+
+    def logs(self, app: str, tail: int = 100, process: str | None = None) -> list[str]:
+        return self._call("GET", self._app(app, "/logs"), params={"tail": tail, "process": process})
+
+    def domains_list(self, app: str) -> list[dict]:
+        return self._call("GET", self._app(app, "/domains"))
+
+    def domains_add(self, app: str, domain: str) -> dict:
+        return self._call("PUT", self._app(app, f"/domains/{quote(domain, safe='')}"))
+
+    def domains_remove(self, app: str, domain: str) -> dict:
+        return self._call("DELETE", self._app(app, f"/domains/{quote(domain, safe='')}"))
+
     def users_list(self) -> list[dict]:
         return self._call("GET", "users")
 

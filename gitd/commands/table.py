@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ class Command:
     run: Runner
     arguments: list[tuple[tuple[str, ...], dict]] = field(default_factory=list)
     columns: tuple[str, ...] = ()  # for list results: the table's columns
+    text: Callable[[Any], str] | None = None  # plain output, where a table or key: value lines do not fit
 
 
 def arg(*flags: str, **options: Any) -> tuple[tuple[str, ...], dict]:
@@ -61,7 +63,7 @@ COMMANDS: list[Command] = [
     Command("apps:destroy", "delete an app and its repository", _destroy,
             [APP, arg("--force", action="store_true", help="confirm the deletion"),
              arg("confirm", nargs="?", help="the app name again, to confirm")]),
-    Command("apps:set", "change an app setting (protected-branches)",
+    Command("apps:set", "change an app setting (deploy-branch, protected-branches)",
             lambda ops, a, s: ops.apps_set(a.app, a.setting, " ".join(a.value)),
             [APP, arg("setting"), arg("value", nargs="*")]),
     Command("keys:add", "add an SSH public key (from stdin); admins may name --user",
@@ -85,6 +87,42 @@ COMMANDS: list[Command] = [
             lambda ops, a, s: ops.collaborators_add(a.app, a.user, a.role), [APP, arg("user"), arg("role")]),
     Command("collaborators:remove", "take a user's role on an app away",
             lambda ops, a, s: ops.collaborators_remove(a.app, a.user), [APP, arg("user")]),
+    Command("config", "show an app's config vars", lambda ops, a, s: ops.config_show(a.app), [APP],
+            text=lambda r: "".join(f"{k}={_shell_quote(v)}\n" for k, v in r.items()) or "(no config vars)\n"),
+    Command("config:get", "print one config var's value", lambda ops, a, s: ops.config_get(a.app, a.key),
+            [APP, arg("key")], text=lambda r: r["value"] + "\n"),
+    Command("config:set", "set config vars (KEY=VALUE ...) and restart with a new release",
+            lambda ops, a, s: ops.config_set(a.app, a.pairs, a.encoded, not a.no_restart),
+            [arg("--encoded", action="store_true", help="values are base64"),
+             arg("--no-restart", action="store_true", help="store only; the next release applies them"),
+             APP, arg("pairs", nargs="+", metavar="KEY=VALUE")]),
+    Command("config:unset", "remove config vars and restart with a new release",
+            lambda ops, a, s: ops.config_unset(a.app, a.keys, not a.no_restart),
+            [arg("--no-restart", action="store_true"), APP, arg("keys", nargs="+", metavar="KEY")]),
+    Command("releases", "list an app's releases", lambda ops, a, s: ops.releases(a.app), [APP],
+            columns=("version", "commit", "reason", "description", "user", "created_at")),
+    Command("rollback", "make a new release from an old one's build and config",
+            lambda ops, a, s: ops.rollback(a.app, a.version), [APP, arg("version", help="e.g. v3")]),
+    Command("ps", "show an app's processes", lambda ops, a, s: ops.ps(a.app), [APP],
+            columns=("process", "release", "state", "port", "restarts", "pid")),
+    Command("ps:scale", "set how many of each process type run (web=2 worker=1)",
+            lambda ops, a, s: ops.ps_scale(a.app, a.pairs), [APP, arg("pairs", nargs="+", metavar="TYPE=N")]),
+    Command("ps:restart", "restart an app's processes without downtime", lambda ops, a, s: ops.ps_restart(a.app),
+            [APP]),
+    Command("ps:stop", "stop an app's processes", lambda ops, a, s: ops.ps_stop(a.app), [APP]),
+    Command("ps:start", "start an app's processes at its live release", lambda ops, a, s: ops.ps_start(a.app),
+            [APP]),
+    Command("logs", "show an app's build and process logs (-f to follow, over SSH)",
+            lambda ops, a, s: ops.logs(a.app, a.tail, a.process),
+            [APP, arg("-f", "--follow", action="store_true"), arg("-p", "--process"),
+             arg("-n", "--tail", type=int, default=100)],
+            text=lambda r: "".join(line + "\n" for line in r)),
+    Command("domains", "list the host names an app answers to", lambda ops, a, s: ops.domains_list(a.app),
+            [APP], columns=("domain",)),
+    Command("domains:add", "route a custom host name to an app", lambda ops, a, s: ops.domains_add(a.app, a.domain),
+            [APP, arg("domain")]),
+    Command("domains:remove", "stop routing a custom host name", lambda ops, a, s: ops.domains_remove(a.app, a.domain),
+            [APP, arg("domain")]),
     Command("users:list", "list users (admins)", lambda ops, a, s: ops.users_list(),
             columns=("name", "admin", "create_apps")),
     Command("users:set", "set a user flag: admin or create-apps, true or false (admins)",
@@ -99,7 +137,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser_for(command: Command) -> argparse.ArgumentParser:
-    parser = _Parser(prog=command.name, description=command.summary, add_help=False, exit_on_error=False)
+    # exit_on_error stays on: argparse then routes type errors (e.g. "abc" for an int) to error() too.
+    parser = _Parser(prog=command.name, description=command.summary, add_help=False)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     for flags, options in command.arguments:
         parser.add_argument(*flags, **options)
@@ -118,9 +157,16 @@ def render(command: Command, result: Any, as_json: bool) -> str:
         return usage()
     if as_json:
         return json.dumps(result, indent=2, sort_keys=True) + "\n"
+    if command.text is not None:
+        return command.text(result)
     if isinstance(result, list):
         return _table(result, command.columns)
-    return "".join(f"{k}: {_plain(v)}\n" for k, v in result.items())
+    lines = "".join(line + "\n" for line in result.get("output", []))
+    return lines + "".join(f"{k}: {_plain(v)}\n" for k, v in result.items() if k != "output")
+
+
+def _shell_quote(value: str) -> str:
+    return shlex.quote(value) if value else "''"
 
 
 def _plain(value: Any) -> str:

@@ -8,16 +8,40 @@ are supported, so both backends behave the same for a pusher.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 
-from dulwich.protocol import CAPABILITY_PUSH_OPTIONS, SIDE_BAND_CHANNEL_PROGRESS, ReceivableProtocol
+from dulwich.protocol import (
+    CAPABILITY_ATOMIC,
+    CAPABILITY_FILTER,
+    CAPABILITY_PUSH_OPTIONS,
+    SIDE_BAND_CHANNEL_PROGRESS,
+    ReceivableProtocol,
+)
 from dulwich.repo import Repo
 from dulwich.server import DictBackend, ReceivePackHandler, UploadPackHandler
 
+from gitd.git.dulwich_refs import CheckedRefs
 from gitd.git.hook_client import ask_gate
 
 DECLINED = b"pre-receive hook declined"
+
+
+class FullCloneUploadPackHandler(UploadPackHandler):
+    """Does not offer `filter`: dulwich can send a filtered pack, but then refuses the fetches by
+    object id with which a partial clone gets its missing blobs (checkout fails). Without the
+    capability the client says "filtering not recognized by server" and makes a full clone.
+    """
+
+    def capabilities(self):
+        return [cap for cap in super().capabilities() if cap != CAPABILITY_FILTER]
+
+    def set_client_capabilities(self, caps) -> None:
+        # git still names `filter` among its capabilities after that warning; dulwich would refuse it.
+        super().set_client_capabilities([cap for cap in caps if not cap.startswith(CAPABILITY_FILTER)])
 
 
 class GatedReceivePackHandler(ReceivePackHandler):
@@ -29,6 +53,34 @@ class GatedReceivePackHandler(ReceivePackHandler):
     def _receive_max_input_size(self) -> int | None:
         return self.max_input_size
 
+    def _apply_pack(self, refs: list[tuple[bytes, bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+        # dulwich leaves its objects/tmp_pack_* file behind when a pack is cut short, corrupt or
+        # over the size limit, so every refused push would leave up to the limit in garbage.
+        # This process serves one push: the tmp_pack_* files made while it unpacks are its own.
+        made: list[str] = []
+        mkstemp = tempfile.mkstemp
+
+        def recording_mkstemp(*args, **kwargs) -> tuple[int, str]:
+            fd, path = mkstemp(*args, **kwargs)
+            made.append(path)
+            return fd, path
+
+        tempfile.mkstemp = recording_mkstemp
+        try:
+            for name, status in super()._apply_pack(refs):
+                yield name, status
+                if name == b"unpack" and status != b"ok":
+                    # Name every ref, as C git does: the client then says "unpacker error"
+                    # instead of "remote failed to report status".
+                    yield from ((ref, b"unpacker error") for _, _, ref in refs)
+        finally:
+            tempfile.mkstemp = mkstemp
+            for path in made:
+                # A pack that arrived whole was renamed into objects/pack/ and is gone from here.
+                if os.path.basename(path).startswith("tmp_pack_"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+
     def _on_pre_receive(self, client_refs) -> None:
         # Called right after the command list, which is where push options follow.
         self._updates = [[old.decode(), new.decode(), ref.decode()] for old, new, ref in client_refs]
@@ -37,6 +89,7 @@ class GatedReceivePackHandler(ReceivePackHandler):
             while (line := self.proto.read_pkt_line()) is not None:
                 self._options.append(line.rstrip(b"\n").decode())
         self._verdict: bool | None = None
+        self.repo.refs = CheckedRefs(self.repo.refs, client_refs, atomic=self.has_capability(CAPABILITY_ATOMIC))
 
     def _say(self, text: str) -> None:
         if self.has_capability(b"side-band-64k"):
@@ -75,7 +128,7 @@ def main() -> int:
     proto = ReceivableProtocol(sys.stdin.buffer.read, write)
     repo = Repo(args.repo)
     backend = DictBackend({"/": repo})
-    handler_cls = UploadPackHandler if args.service == "upload-pack" else GatedReceivePackHandler
+    handler_cls = FullCloneUploadPackHandler if args.service == "upload-pack" else GatedReceivePackHandler
     GatedReceivePackHandler.max_input_size = args.max_input_size or None
     handler = handler_cls(backend, ["/"], proto, stateless_rpc=args.stateless_rpc, advertise_refs=args.advertise_refs)
     handler.handle()

@@ -47,6 +47,39 @@ def _field(body: dict, name: str, kind: type = str, required: bool = True) -> An
     return value
 
 
+def _strings(body: dict, name: str) -> list[str]:
+    value = body.get(name)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput(f"field {name!r} must be a list of strings")
+    return value
+
+
+def _int(text: str | None, default: int) -> int:
+    if text is None:
+        return default
+    if not text.isdigit():
+        raise InvalidInput(f"expected a whole number, got {text[:20]!r}")
+    return int(text)
+
+
+def _config_change(m: Management, request: Request, body: dict) -> dict:
+    app = request.path_params["app"]
+    restart = body.get("restart", True) is not False
+    if "set" in body:
+        return m.config_set(app, _strings(body, "set"), body.get("encoded") is True, restart)
+    if "unset" in body:
+        return m.config_unset(app, _strings(body, "unset"), restart)
+    raise InvalidInput("give 'set' (a list of KEY=VALUE) or 'unset' (a list of keys)")
+
+
+def _process_action(m: Management, request: Request, body: dict) -> dict:
+    actions = {"restart": m.ps_restart, "stop": m.ps_stop, "start": m.ps_start}
+    action = actions.get(request.path_params["action"])
+    if action is None:
+        raise InvalidInput("the process actions are restart, stop and start")
+    return action(request.path_params["app"])
+
+
 def api_routes(directory: Directory, management_for: Callable[[Actor], Management]) -> list[Route]:
     def endpoint(handler: Handler, status: int = 200) -> Callable[[Request], Awaitable[JSONResponse]]:
         async def run(request: Request) -> JSONResponse:
@@ -80,6 +113,23 @@ def api_routes(directory: Directory, management_for: Callable[[Actor], Managemen
               methods=["PUT"]),
         Route("/api/apps/{app}/collaborators/{user}",
               endpoint(lambda m, r, b: m.collaborators_remove(p(r, "app"), p(r, "user"))), methods=["DELETE"]),
+        Route("/api/apps/{app}/config", endpoint(lambda m, r, b: m.config_show(p(r, "app")))),
+        Route("/api/apps/{app}/config/{key}", endpoint(lambda m, r, b: m.config_get(p(r, "app"), p(r, "key")))),
+        Route("/api/apps/{app}/config", endpoint(_config_change), methods=["PATCH"]),
+        Route("/api/apps/{app}/releases", endpoint(lambda m, r, b: m.releases(p(r, "app")))),
+        Route("/api/apps/{app}/releases", endpoint(lambda m, r, b: m.rollback(p(r, "app"), _field(b, "rollback")),
+                                                   201), methods=["POST"]),
+        Route("/api/apps/{app}/processes", endpoint(lambda m, r, b: m.ps(p(r, "app")))),
+        Route("/api/apps/{app}/formation", endpoint(lambda m, r, b: m.ps_scale(p(r, "app"), _strings(b, "scale"))),
+              methods=["PATCH"]),
+        Route("/api/apps/{app}/processes/{action:str}", endpoint(_process_action), methods=["POST"]),
+        Route("/api/apps/{app}/logs", endpoint(lambda m, r, b: m.logs(p(r, "app"), _int(q(r, "tail"), 100),
+                                                                       q(r, "process")))),
+        Route("/api/apps/{app}/domains", endpoint(lambda m, r, b: m.domains_list(p(r, "app")))),
+        Route("/api/apps/{app}/domains/{domain}", endpoint(lambda m, r, b: m.domains_add(p(r, "app"), p(r, "domain"))),
+              methods=["PUT"]),
+        Route("/api/apps/{app}/domains/{domain}",
+              endpoint(lambda m, r, b: m.domains_remove(p(r, "app"), p(r, "domain"))), methods=["DELETE"]),
         Route("/api/keys", endpoint(lambda m, r, b: m.keys_list(q(r, "user")))),
         Route("/api/keys", endpoint(lambda m, r, b: m.keys_add(_field(b, "key"), _field(b, "user", required=False)),
                                     201), methods=["POST"]),

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from gitd.errors import DevflowError
 from gitd.git.git_service import GitService
 from gitd.git.pack_backend import Service
-from gitd.http.auth import authenticate
+from gitd.http.auth import REALM, authenticate
 from gitd.identity.directory import Directory
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def git_routes(git: GitService, directory: Directory) -> list[Route]:
             request.state.actor = await authenticate(request, directory)
             app = await git.authorize(request.state.actor, request.path_params["repo"], service)
         except DevflowError as exc:
-            headers = {"WWW-Authenticate": 'Basic realm="DevFlow"'} if exc.status == 401 else None
+            headers = {"WWW-Authenticate": REALM} if exc.status == 401 else None
             return PlainTextResponse(exc.message + "\n", status_code=exc.status, headers=headers)
         return app, service
 

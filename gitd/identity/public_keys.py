@@ -35,12 +35,13 @@ def fingerprint_of(key: asyncssh.SSHKey) -> str:
 
 def parse_public_key(text: str) -> PublicKey:
     """Parse one authorized_keys-style line; refuse anything else with a reason."""
+    # Checked first: a private key file has many lines, and "expected one line" would not say why.
+    if "PRIVATE KEY" in text:
+        raise InvalidInput("that is a private key; give the public key (the .pub file)")
     lines = [line.strip() for line in text.strip().splitlines() if line.strip() and not line.startswith("#")]
     if len(lines) != 1:
         raise InvalidInput("expected exactly one OpenSSH public key line (the contents of a .pub file)")
     line = lines[0]
-    if "PRIVATE KEY" in text:
-        raise InvalidInput("that is a private key; give the public key (the .pub file)")
     try:
         key = asyncssh.import_public_key(line)
     except (asyncssh.KeyImportError, ValueError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shlex
+from collections.abc import AsyncIterator
 
 import asyncssh
 
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 GIT_COMMANDS = {"git-upload-pack": "upload-pack", "git-receive-pack": "receive-pack"}
 MAX_COMMAND = 64 * 1024
+READ_ALL_BUFFERED = 1 << 30  # read() returns what is buffered, up to this
+SLICE = 256 * 1024
 
 
 def split_git_command(argv: list[str]) -> tuple[str, str] | None:
@@ -29,6 +32,26 @@ def split_git_command(argv: list[str]) -> tuple[str, str] | None:
             raise DevflowError(f"{argv[0]} takes exactly one repository path")
         return GIT_COMMANDS[argv[0]], argv[1]
     return None
+
+
+async def client_bytes(process: asyncssh.SSHServerProcess) -> AsyncIterator[bytes]:
+    """The client's stdin, read with real back pressure.
+
+    asyncssh reopens the whole channel window whenever it hands buffered data to the stream,
+    even while it still holds more, so with small reads a fast pusher and a slower pack program
+    made the daemon buffer most of a push. Here the channel stays paused while a chunk is being
+    written on, and each read takes everything buffered: memory stays within a few windows.
+    The chunk goes on in slices, so the pipe to the pack program never holds a copy of all of it.
+    """
+    channel = process.channel
+    while True:
+        channel.resume_reading()
+        chunk = await process.stdin.read(READ_ALL_BUFFERED)
+        channel.pause_reading()
+        if not chunk:
+            return
+        for start in range(0, len(chunk), SLICE):
+            yield chunk[start:start + SLICE]
 
 
 class SessionHandler:
@@ -73,21 +96,19 @@ class SessionHandler:
         git = split_git_command(argv)
         if git is not None:
             return await self._git(process, actor, *git)
+        if argv[0] == "logs" and {"-f", "--follow"} & set(argv):
+            return await self._follow_logs(process, actor, argv)
         return await self._management(process, actor, argv)
 
     async def _git(self, process: asyncssh.SSHServerProcess, actor: Actor, service: str, path: str) -> int:
         app = await self.git.authorize(actor, path, service)  # type: ignore[arg-type]
         protocol = process.env.get("GIT_PROTOCOL")
 
-        async def client_bytes():
-            while chunk := await process.stdin.read(256 * 1024):
-                yield chunk
-
         async with self.git.exchange(
             actor, app, service, "ssh",  # type: ignore[arg-type]
             protocol=protocol, stateless=False, advertise=False, on_stderr=process.stderr.write,
         ) as pack:
-            feeder = asyncio.create_task(pack.feed(client_bytes()))
+            feeder = asyncio.create_task(pack.feed(client_bytes(process)))
             try:
                 async for chunk in pack.output():
                     process.stdout.write(chunk)
@@ -95,6 +116,17 @@ class SessionHandler:
                 return await pack.wait()
             finally:
                 feeder.cancel()
+
+    async def _follow_logs(self, process: asyncssh.SSHServerProcess, actor: Actor, argv: list[str]) -> int:
+        """`logs APP -f`: the tail, then new lines as they come, until the client hangs up."""
+        args = table.parser_for(table.BY_NAME["logs"]).parse_args(argv[1:])
+        management = self.management_for(actor)
+        for line in await asyncio.to_thread(management.logs, args.app, args.tail, args.process):
+            process.stdout.write(line.encode() + b"\n")
+        async for line in management.deploys.logs.follow(args.app, args.process, stop=process.is_closing):
+            process.stdout.write(line.encode() + b"\n")
+            await process.stdout.drain()
+        return 0
 
     async def _management(self, process: asyncssh.SSHServerProcess, actor: Actor, argv: list[str]) -> int:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,198 @@
+"""Management operations on running apps: config, releases, processes, logs, domains.
+
+Runs in a worker thread like the rest of Management; the pipeline's coroutines are handed
+to the daemon's event loop through `run`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+from collections.abc import Callable, Coroutine
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from gitd.apps import AppRegistry
+from gitd.errors import DevflowError, InvalidInput, NotFound
+from gitd.identity.roles import Actor, Role
+from pipeline.config_vars import ConfigVars
+from pipeline.deploy_settings import DeploySettings
+from pipeline.deployments import Deployments
+from pipeline.errors import DeployFailed, PipelineInputError
+from pipeline.release_ledger import ReleaseLedger, parse_version
+from runtime.process_logs import ProcessLogs
+from runtime.rollout import Rollout
+
+
+@dataclass(frozen=True)
+class DeployServices:
+    deployments: Deployments
+    config_vars: ConfigVars
+    ledger: ReleaseLedger
+    settings: DeploySettings
+    rollout: Rollout
+    logs: ProcessLogs
+    run: Callable[[Coroutine], Any]  # runs a coroutine on the daemon's loop, from a worker thread
+
+
+@contextmanager
+def pipeline_errors():
+    try:
+        yield
+    except PipelineInputError as exc:
+        raise InvalidInput(str(exc)) from None
+    except DeployFailed as exc:
+        raise DevflowError(f"release failed at {exc.stage}: {exc.message}; the live release keeps serving") from None
+
+
+def parse_assignments(pairs: list[str], encoded: bool) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidInput(f"expected KEY=VALUE, got {pair[:60]!r}")
+        if encoded:
+            try:
+                value = base64.b64decode(value, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                raise InvalidInput(f"the value of {key} is not valid base64 of UTF-8 text") from None
+        values[key] = value
+    if not values:
+        raise InvalidInput("give at least one KEY=VALUE")
+    return values
+
+
+class DeployManagement:
+    apps: AppRegistry
+    actor: Actor
+    deploys: DeployServices
+
+    def _collect(self) -> tuple[list[str], Callable[[str], None]]:
+        lines: list[str] = []
+        lock = threading.Lock()
+
+        def say(line: str) -> None:
+            with lock:
+                lines.append(line)
+
+        return lines, say
+
+    def _release_after(self, app: str, reason: str, description: str, restart: bool) -> dict:
+        lines, say = self._collect()
+        record = None
+        if restart:
+            with pipeline_errors():
+                record = self.deploys.run(self.deploys.deployments.rerelease(app, self.actor.name, reason,
+                                                                             description, say))
+        return {"release": f"v{record.version}" if record else None, "output": lines}
+
+    # config
+
+    def config_show(self, app: str) -> dict:
+        self.apps.authorize(self.actor, app, Role.WRITE)
+        return self.deploys.config_vars.get_all(app)
+
+    def config_get(self, app: str, key: str) -> dict:
+        values = self.config_show(app)
+        if key not in values:
+            raise NotFound(f"{app} has no config var {key}")
+        return {"key": key, "value": values[key]}
+
+    def config_set(self, app: str, pairs: list[str], encoded: bool = False, restart: bool = True) -> dict:
+        self.apps.authorize(self.actor, app, Role.WRITE)
+        values = parse_assignments(pairs, encoded)
+        with pipeline_errors():
+            self.deploys.config_vars.set(app, values)
+        return {"set": sorted(values), **self._release_after(app, "config", f"set {', '.join(sorted(values))}", restart)}
+
+    def config_unset(self, app: str, keys: list[str], restart: bool = True) -> dict:
+        self.apps.authorize(self.actor, app, Role.WRITE)
+        missing = sorted(set(keys) - set(self.deploys.config_vars.get_all(app)))
+        if missing:
+            raise NotFound(f"{app} has no config var {', '.join(missing)}")
+        self.deploys.config_vars.unset(app, keys)
+        return {"unset": sorted(keys), **self._release_after(app, "config", f"unset {', '.join(sorted(keys))}", restart)}
+
+    # releases
+
+    def releases(self, app: str) -> list[dict]:
+        self.apps.authorize(self.actor, app, Role.READ)
+        return [r.summary() for r in self.deploys.ledger.list(app)]
+
+    def rollback(self, app: str, version: str) -> dict:
+        self.apps.authorize(self.actor, app, Role.WRITE)
+        lines, say = self._collect()
+        with pipeline_errors():
+            record = self.deploys.run(self.deploys.deployments.rollback(app, parse_version(version),
+                                                                        self.actor.name, say))
+        return {"release": f"v{record.version}" if record else None, "rolled_back_to": version, "output": lines}
+
+    # processes
+
+    def ps(self, app: str) -> list[dict]:
+        self.apps.authorize(self.actor, app, Role.READ)
+        return self.deploys.rollout.processes(app)
+
+    def ps_scale(self, app: str, pairs: list[str]) -> dict:
+        self.apps.authorize(self.actor, app, Role.WRITE)
+        counts = {}
+        for kind, value in parse_assignments(pairs, encoded=False).items():
+            if not value.isdigit():
+                raise InvalidInput(f"{kind}={value}: the count must be a whole number")
+            counts[kind] = int(value)
+        with pipeline_errors():
+            formation = self.deploys.settings.scale(app, counts)
+        described = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        return {"formation": formation, **self._release_after(app, "scale", f"scale {described}", True)}
+
+    def ps_restart(self, app: str) -> dict:
+        self.apps.authorize(self.actor, app, Role.WRITE)
+        lines, say = self._collect()
+        with pipeline_errors():
+            record = self.deploys.run(self.deploys.deployments.restart(app, say))
+        if record is None:
+            raise InvalidInput(f"{app} has not been deployed yet")
+        return {"restarted": f"v{record.version}", "output": lines}
+
+    def ps_stop(self, app: str) -> dict:
+        self.apps.authorize(self.actor, app, Role.WRITE)
+        self.deploys.run(self.deploys.rollout.stop_app(app))
+        return {"stopped": app}
+
+    def ps_start(self, app: str) -> dict:
+        return self.ps_restart(app)
+
+    def logs(self, app: str, tail: int = 100, process: str | None = None) -> list[str]:
+        self.apps.authorize(self.actor, app, Role.READ)
+        return self.deploys.logs.tail(app, tail, process)
+
+    # domains and deploy settings
+
+    def domains_list(self, app: str) -> list[dict]:
+        self.apps.authorize(self.actor, app, Role.READ)
+        return [{"domain": d} for d in self.deploys.deployments.hostnames(app)]
+
+    def domains_add(self, app: str, domain: str) -> dict:
+        self.apps.authorize(self.actor, app, Role.ADMIN)
+        with pipeline_errors():
+            self.deploys.settings.add_domain(app, domain)
+        return self._reroute(app)
+
+    def domains_remove(self, app: str, domain: str) -> dict:
+        self.apps.authorize(self.actor, app, Role.ADMIN)
+        with pipeline_errors():
+            self.deploys.settings.remove_domain(app, domain)
+        return self._reroute(app)
+
+    def _reroute(self, app: str) -> dict:
+        hostnames = self.deploys.deployments.hostnames(app)
+        self.deploys.run(self.deploys.rollout.reroute(app, hostnames))
+        return {"app": app, "domains": hostnames}
+
+    def deploy_info(self, app: str) -> dict:
+        latest = self.deploys.ledger.latest(app)
+        return {"url": self.deploys.deployments.platform.url(app),
+                "deploy_branch": self.deploys.settings.deploy_branch(app),
+                "release": f"v{latest.version}" if latest else None}

@@ -1,0 +1,35 @@
+"""The Builder role: turn an exported tree into something the runtime can start.
+
+Implementations live beside this module, one per thing they wrap (`native_impl` runs the
+language tools on the host); the pipeline only sees this protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.detect import Detection
+
+
+class BuildError(Exception):
+    """The build failed for a reason the user can act on; the message is shown in the push output."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The Procfile (or the stack's default processes) and the environment those processes need to run."""
+
+    processes: dict[str, str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Builder(Protocol):
+    name: str
+
+    async def build(self, src: Path, detection: Detection, cache: Path, env: dict[str, str],
+                    log: Callable[[str], None]) -> BuildResult:
+        """Build `src` in place; `cache` persists between builds of one app; every tool line goes to `log`."""
+        ...

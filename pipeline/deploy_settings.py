@@ -1,0 +1,89 @@
+"""Per-app deploy settings: the deploy branch, the formation (ps:scale) and custom domains."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy.orm import sessionmaker
+
+from pipeline.errors import PipelineInputError
+from pipeline.schema import AppDeploySettings
+
+PROCESS_TYPE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+BRANCH = re.compile(r"^(?!.*\.\.)(?!/)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![/.])$")
+MAX_SCALE = 32
+
+
+class DeploySettings:
+    def __init__(self, sessions: sessionmaker) -> None:
+        self.sessions = sessions
+
+    def _row(self, db, app: str) -> AppDeploySettings:
+        row = db.get(AppDeploySettings, app)
+        if row is None:
+            row = AppDeploySettings(app=app, deploy_branch=None, formation={}, domains=[])
+            db.add(row)
+        return row
+
+    def deploy_branch(self, app: str, existing_branches: set[str] | None = None) -> str:
+        """The configured branch, else main, else master (when only master exists)."""
+        with self.sessions() as db:
+            row = db.get(AppDeploySettings, app)
+            if row is not None and row.deploy_branch:
+                return row.deploy_branch
+        if existing_branches and "main" not in existing_branches and "master" in existing_branches:
+            return "master"
+        return "main"
+
+    def set_deploy_branch(self, app: str, branch: str) -> str:
+        if not BRANCH.fullmatch(branch):
+            raise PipelineInputError(f"invalid branch name {branch[:80]!r}")
+        with self.sessions.begin() as db:
+            self._row(db, app).deploy_branch = branch
+        return branch
+
+    def formation(self, app: str) -> dict[str, int]:
+        with self.sessions() as db:
+            row = db.get(AppDeploySettings, app)
+            return dict(row.formation) if row else {}
+
+    def scale(self, app: str, counts: dict[str, int]) -> dict[str, int]:
+        for kind, count in counts.items():
+            if not PROCESS_TYPE.fullmatch(kind):
+                raise PipelineInputError(f"invalid process type {kind[:60]!r}")
+            if not 0 <= count <= MAX_SCALE:
+                raise PipelineInputError(f"{kind}={count}: scale between 0 and {MAX_SCALE}")
+        with self.sessions.begin() as db:
+            row = self._row(db, app)
+            row.formation = {**(row.formation or {}), **counts}
+            return dict(row.formation)
+
+    def domains(self, app: str) -> list[str]:
+        with self.sessions() as db:
+            row = db.get(AppDeploySettings, app)
+            return list(row.domains) if row else []
+
+    def add_domain(self, app: str, domain: str) -> list[str]:
+        domain = domain.strip().lower().rstrip(".")
+        if not DOMAIN.fullmatch(domain):
+            raise PipelineInputError(f"invalid domain name {domain[:80]!r}")
+        with self.sessions.begin() as db:
+            row = self._row(db, app)
+            if domain not in row.domains:
+                row.domains = [*row.domains, domain]
+            return list(row.domains)
+
+    def remove_domain(self, app: str, domain: str) -> list[str]:
+        with self.sessions.begin() as db:
+            row = self._row(db, app)
+            if domain not in row.domains:
+                raise PipelineInputError(f"{domain} is not a domain of {app}")
+            row.domains = [d for d in row.domains if d != domain]
+            return list(row.domains)
+
+    def forget(self, app: str) -> None:
+        with self.sessions.begin() as db:
+            row = db.get(AppDeploySettings, app)
+            if row is not None:
+                db.delete(row)

@@ -1,0 +1,38 @@
+"""A push to an app's deploy branch means a production deployment, decided while the push is open."""
+
+from __future__ import annotations
+
+from dulwich.repo import Repo
+
+from pipeline.deploy_settings import DeploySettings
+from pipeline.deployments import Deployments
+from pipeline.errors import DeployFailed
+from receivers.push_events import PushEvent, PushRejected, Reply
+
+
+def _server_branches(git_dir: str | None) -> set[str]:
+    if not git_dir:
+        return set()
+    with Repo(git_dir) as repo:
+        return {ref.decode() for ref in repo.refs.keys(base=b"refs/heads/")}
+
+
+class DeployOnPush:
+    def __init__(self, deployments: Deployments, settings: DeploySettings) -> None:
+        self.deployments = deployments
+        self.settings = settings
+
+    async def __call__(self, event: PushEvent, reply: Reply) -> None:
+        pushed = {u.branch for u in event.updates if u.branch}
+        branch = self.settings.deploy_branch(event.app, pushed | _server_branches(event.object_env.get("GIT_DIR")))
+        for update in event.updates:
+            if update.branch != branch:
+                continue
+            if update.deleted:
+                raise PushRejected(f"{branch} is the deploy branch of {event.app}; "
+                                   f"to take the app down use apps:destroy {event.app}")
+            try:
+                await self.deployments.deploy_push(event.app, update.new, event.user, event.object_env, reply.say,
+                                                   detach="detach" in event.options)
+            except DeployFailed as exc:
+                raise PushRejected(f"deploy failed at {exc.stage}: {exc.message}") from None

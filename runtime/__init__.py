@@ -1,0 +1,1 @@
+"""runtime: schedulers, health checks, the router, process logs."""

@@ -1,0 +1,77 @@
+"""Health checks: Dokku's app.json checks, else "the web process listens on $PORT and answers HTTP"."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from runtime.local.scheduler import Instance
+
+# Without app.json checks: how long a new web process may take to answer its first request.
+DEFAULT_STARTUP_SECONDS = 30.0
+POLL = 0.05
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    path: str = "/"
+    content: str | None = None
+    attempts: int = 5
+    timeout: float = 5.0
+    wait: float = 1.0
+    initial_delay: float = 0.0
+
+
+class HealthCheckFailed(Exception):
+    pass
+
+
+def _crashed(instance: Instance) -> bool:
+    return not instance.alive() or instance.status().get("state") in ("crashed", "restarting", "stopped")
+
+
+async def _probe(client: httpx.AsyncClient, instance: Instance, check: Check) -> str | None:
+    """None when the check passes, else why not."""
+    try:
+        response = await client.get(f"http://127.0.0.1:{instance.port}{check.path}", timeout=check.timeout)
+    except httpx.HTTPError as exc:
+        return f"GET {check.path}: {type(exc).__name__}"
+    if check.content is None:
+        return None if response.status_code < 500 else f"GET {check.path}: HTTP {response.status_code}"
+    if response.status_code >= 400:
+        return f"GET {check.path}: HTTP {response.status_code}"
+    if check.content not in response.text:
+        return f"GET {check.path}: body does not contain {check.content!r}"
+    return None
+
+
+async def wait_healthy(instance: Instance, checks: list[Check], say: Callable[[str], None]) -> None:
+    """Return once every check passed; raise HealthCheckFailed with the reason otherwise."""
+    async with httpx.AsyncClient(trust_env=False) as client:
+        # First the process must answer at all; polling fast here keeps deploys quick.
+        for _ in range(int(DEFAULT_STARTUP_SECONDS / POLL)):
+            if _crashed(instance):
+                raise HealthCheckFailed(f"{instance.name} exited before answering on port {instance.port}")
+            if await _probe(client, instance, Check("listening", timeout=2.0)) is None:
+                break
+            await asyncio.sleep(POLL)
+        else:
+            raise HealthCheckFailed(f"{instance.name} did not answer HTTP on $PORT within {DEFAULT_STARTUP_SECONDS:.0f}s")
+        for check in checks:
+            await asyncio.sleep(check.initial_delay)
+            why = "not tried"
+            for attempt in range(1, max(check.attempts, 1) + 1):
+                if _crashed(instance):
+                    raise HealthCheckFailed(f"{instance.name} exited during health check {check.name!r}")
+                why = await _probe(client, instance, check)
+                if why is None:
+                    say(f"health check {check.name!r} passed for {instance.name}")
+                    break
+                say(f"health check {check.name!r} attempt {attempt}/{check.attempts} for {instance.name}: {why}")
+                await asyncio.sleep(check.wait)
+            else:
+                raise HealthCheckFailed(f"health check {check.name!r} failed for {instance.name}: {why}")

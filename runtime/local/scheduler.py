@@ -1,0 +1,166 @@
+"""Starts, stops and finds app processes on this machine, each under runtime.local.supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.local.app_user import AppUser
+from runtime.process_logs import ProcessLogs
+
+SUPERVISOR = "runtime.local.supervisor"
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def _kill_quietly(supervisor_pid: int, child_pid: int | None) -> None:
+    """Last resort for a supervisor that ignored SIGTERM: it and its child's process group."""
+    for kill, pid in ((os.kill, supervisor_pid), (os.killpg, child_pid)):
+        if pid:
+            try:
+                kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+@dataclass(frozen=True)
+class Instance:
+    app: str
+    version: int
+    process_type: str
+    index: int
+    port: int
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.process_type}.{self.index}"
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.directory / "status.json").read_text())
+        except (OSError, ValueError):
+            return {"state": "starting"}
+
+    def alive(self) -> bool:
+        """The supervisor runs (checked against its command line, so a reused pid does not count)."""
+        pid = self.status().get("supervisor_pid")
+        if not pid:
+            return False
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return str(self.directory / "spec.json").encode() in cmdline
+
+    def record(self) -> dict:
+        status = self.status()
+        return {"process": self.name, "release": f"v{self.version}", "port": self.port,
+                "state": status.get("state") if self.alive() else "stopped",
+                "restarts": status.get("restarts", 0), "pid": status.get("child_pid")}
+
+class LocalScheduler:
+    name = "local"
+
+    def __init__(self, run_root: Path, logs: ProcessLogs, user: AppUser | None = None,
+                 rlimits: dict[str, int] | None = None, stop_timeout: int = 10) -> None:
+        self.run_root = run_root
+        self.logs = logs
+        self.user = user
+        self.rlimits = rlimits or {"RLIMIT_NOFILE": 65536}
+        self.stop_timeout = stop_timeout
+
+    async def start(self, app: str, version: int, process_type: str, index: int, command: str, cwd: Path,
+                    env: dict[str, str], port: int) -> Instance:
+        directory = self.run_root / app / f"v{version}-{process_type}.{index}-{secrets.token_hex(3)}"
+        directory.mkdir(parents=True)
+        instance = Instance(app, version, process_type, index, port, directory)
+        spec = {
+            "app": app, "version": version, "process_type": process_type, "index": index, "port": port,
+            "name": instance.name, "command": command, "cwd": str(cwd), "env": env,
+            "log": str(self.logs.path(app)), "status": str(directory / "status.json"),
+            "user": self.user.name if self.user else None, "rlimits": self.rlimits, "stop_timeout": self.stop_timeout,
+        }
+        (directory / "spec.json").write_text(json.dumps(spec))
+        # No pipes: the supervisor outlives this call, and a pipe it inherited would never reach EOF.
+        with self.logs.path(app).open("ab") as errors:
+            launcher = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", SUPERVISOR, str(directory / "spec.json"),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=errors,
+                start_new_session=True, cwd=str(directory), env={"PATH": os.environ.get("PATH", os.defpath),
+                                                               "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+            if await launcher.wait() != 0:
+                raise RuntimeError(f"the supervisor of {instance.name} did not start; see `logs {app}`")
+        return instance
+
+    async def stop(self, instance: Instance) -> None:
+        """SIGTERM to the supervisor, which stops the process gracefully, then forget the instance."""
+        status = instance.status()
+        pid = status.get("supervisor_pid")
+        if pid and instance.alive():
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(int((self.stop_timeout + 5) / 0.1)):
+                if not instance.alive():
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                _kill_quietly(pid, instance.status().get("child_pid"))
+        for path in instance.directory.iterdir():
+            path.unlink()
+        instance.directory.rmdir()
+
+    def instances(self, app: str | None = None) -> list[Instance]:
+        found = []
+        roots = [self.run_root / app] if app else sorted(p for p in self.run_root.glob("*") if p.is_dir())
+        for root in roots:
+            for spec_path in sorted(root.glob("*/spec.json")):
+                try:
+                    spec = json.loads(spec_path.read_text())
+                except (OSError, ValueError):
+                    continue
+                found.append(Instance(spec["app"], spec["version"], spec["process_type"], spec["index"],
+                                      spec["port"], spec_path.parent))
+        return found
+
+    def base_env(self) -> dict[str, str]:
+        """What every build and process starts from: the host's PATH as the app user can use it."""
+        env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
+        env.setdefault("PATH", os.defpath)
+        env.setdefault("LANG", "C.UTF-8")
+        if self.user is not None:
+            env["PATH"] = self.user.usable_path(env["PATH"])
+        return env
+
+    def hand_over(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            self.user.own(directory)
+
+    @property
+    def preexec(self) -> Callable[[], None] | None:
+        return self.user.drop_privileges if self.user is not None else None
+
+    async def run_once(self, app: str, name: str, command: str, cwd: Path, env: dict[str, str],
+                       say: Callable[[str], None]) -> int:
+        """A one-off process (release phase, predeploy): output goes to `say` and the app log."""
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", command, cwd=str(cwd), env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            preexec_fn=self.preexec,
+        )
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            text = line.decode(errors="replace").rstrip("\n")
+            self.logs.write(app, name, text)
+            say(text)
+        return await proc.wait()

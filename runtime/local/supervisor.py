@@ -1,0 +1,162 @@
+"""Supervises one app process: restarts it, timestamps its output, and outlives the daemon.
+
+Run as `python -m runtime.local.supervisor SPEC.json`. The daemon starts one per process
+(in its own session; it forks once more so the daemon is not its parent), reads
+status.json to see how it fares, and sends SIGTERM to stop it. App processes therefore
+keep serving while the daemon restarts; the new daemon re-adopts them from their specs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from runtime.local.app_user import AppUser
+
+
+PR_SET_PDEATHSIG = 1
+LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+
+
+def timestamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class Supervisor:
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.name: str = spec["name"]
+        self.status_path = Path(spec["status"])
+        self.log = open(spec["log"], "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+        self.stopping = False
+        self.child: subprocess.Popen | None = None
+        self.state = {"supervisor_pid": os.getpid(), "child_pid": None, "state": "starting", "restarts": 0,
+                      "last_exit": None, "started_at": None}
+
+    def write_status(self, **changes) -> None:
+        self.state.update(changes)
+        tmp = self.status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.status_path)
+
+    def log_line(self, text: str) -> None:
+        self.log.write(f"{timestamp()} {self.name} | {text}\n".encode())
+
+    def _pump(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            self.log.write(f"{timestamp()} {self.name} | ".encode() + raw.rstrip(b"\n") + b"\n")
+
+    def _preexec(self) -> None:
+        os.setpgrp()
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        for name, value in self.spec.get("rlimits", {}).items():
+            kind = getattr(resource, name)
+            _, hard = resource.getrlimit(kind)
+            soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            resource.setrlimit(kind, (soft, hard))
+        if self.spec.get("user"):
+            AppUser(self.spec["user"]).drop_privileges()
+        # After the user change, which clears it: if the supervisor is killed, the process follows.
+        if LIBC is not None:
+            LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def start_child(self) -> None:
+        try:
+            self.child = subprocess.Popen(
+                ["/bin/sh", "-c", self.spec["command"]], cwd=self.spec["cwd"], env=self.spec["env"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=self._preexec,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.log_line(f"cannot start the process: {exc}")
+            self.write_status(state="crashed", child_pid=None)
+            raise SystemExit(1) from None
+        threading.Thread(target=self._pump, args=(self.child.stdout,), daemon=True).start()
+        self.write_status(child_pid=self.child.pid, state="running", started_at=time.time())
+
+    def stop(self, *_: object) -> None:
+        self.stopping = True
+        if self.child and self.child.poll() is None:
+            try:
+                os.killpg(self.child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        policy = self.spec.get("restart", {})
+        fast_seconds = policy.get("fast_seconds", 10)
+        give_up_after = policy.get("give_up_after", 5)
+        stop_timeout = self.spec.get("stop_timeout", 10)
+        fast_crashes = 0
+        self.start_child()
+        while True:
+            assert self.child is not None
+            code = self.child.wait()
+            if self.stopping:
+                break
+            ran = time.time() - (self.state["started_at"] or time.time())
+            fast_crashes = fast_crashes + 1 if ran < fast_seconds else 0
+            self.log_line(f"process exited with status {code} after {ran:.1f}s")
+            if fast_crashes >= give_up_after:
+                self.log_line(f"crashed {fast_crashes} times within {fast_seconds}s of starting; giving up")
+                self.write_status(state="crashed", last_exit=code, child_pid=None)
+                return 1
+            delay = min(30.0, 0.5 * 2 ** max(fast_crashes - 1, 0))
+            self.write_status(state="restarting", last_exit=code, child_pid=None, restarts=self.state["restarts"] + 1)
+            deadline = time.time() + delay
+            while time.time() < deadline and not self.stopping:
+                time.sleep(0.1)
+            if self.stopping:
+                break
+            self.start_child()
+        if self.child and self.child.poll() is None:
+            try:
+                self.child.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.log_line(f"did not stop within {stop_timeout}s of SIGTERM; sending SIGKILL")
+                os.killpg(self.child.pid, signal.SIGKILL)
+                self.child.wait()
+        if self.child is not None:
+            try:
+                os.killpg(self.child.pid, signal.SIGKILL)  # leftovers of the process group
+            except ProcessLookupError:
+                pass
+        self.write_status(state="stopped", child_pid=None)
+        return 0
+
+
+def main() -> int:
+    """Fork away from the launcher (the daemon reaps only that), then report ready once status.json exists."""
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    ready_read, ready_write = os.pipe()
+    if os.fork() > 0:
+        os.close(ready_write)
+        return 0 if os.read(ready_read, 1) == b"1" else 1
+    os.close(ready_read)
+    # Detached now: nothing may keep the launcher's pipes open, and our own errors go to the app log.
+    log_fd = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    null_fd = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null_fd, 0)
+    os.dup2(null_fd, 1)
+    os.dup2(log_fd, 2)
+    supervisor = Supervisor(spec)
+    supervisor.write_status()
+    os.write(ready_write, b"1")
+    os.close(ready_write)
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Zero-downtime rollout: start the new processes, wait for health, switch the router, drain the old."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.health import Check, HealthCheckFailed, wait_healthy
+from runtime.local.scheduler import Instance, LocalScheduler, free_port
+from runtime.process_logs import ProcessLogs
+from runtime.router import Router
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """Everything the runtime needs to run one release of an app."""
+
+    app: str
+    version: int
+    cwd: Path
+    processes: dict[str, str]  # process type -> command
+    env: dict[str, str]
+    formation: dict[str, int]
+    hostnames: Sequence[str]
+    healthchecks: dict[str, list[Check]] = field(default_factory=dict)
+
+
+class RolloutFailed(Exception):
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.message = message
+
+
+class Rollout:
+    def __init__(self, scheduler: LocalScheduler, router: Router, logs: ProcessLogs, drain_seconds: float = 2.0) -> None:
+        self.scheduler = scheduler
+        self.router = router
+        self.logs = logs
+        self.drain_seconds = drain_seconds
+        self._draining: set[asyncio.Task] = set()
+        self._live: dict[str, int] = {}  # app -> the version the router sends traffic to
+
+    async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> None:
+        """Raise RolloutFailed, having stopped whatever it started, when the new release is not healthy."""
+        old = self.scheduler.instances(spec.app)
+        started: list[Instance] = []
+        try:
+            for kind, count in sorted(spec.formation.items()):
+                if kind not in spec.processes:
+                    continue
+                for index in range(1, count + 1):
+                    port = free_port()
+                    env = {**spec.env, "PORT": str(port), "DYNO": f"{kind}.{index}", "DEVFLOW_PROCESS_TYPE": kind}
+                    started.append(await self.scheduler.start(
+                        spec.app, spec.version, kind, index, spec.processes[kind], spec.cwd, env, port))
+            say("starting " + (", ".join(f"{k}={c}" for k, c in sorted(spec.formation.items())
+                                         if c and k in spec.processes) or "no processes"))
+            web = [i for i in started if i.process_type == "web"]
+            await asyncio.gather(*(wait_healthy(i, spec.healthchecks.get("web", []), say) for i in web))
+            for instance in started:
+                if instance.status().get("state") == "crashed":
+                    raise HealthCheckFailed(f"{instance.name} crashed at start")
+        except HealthCheckFailed as exc:
+            tail = self.logs.tail(spec.app, 10, process=None)
+            await asyncio.gather(*(self.scheduler.stop(i) for i in started))
+            raise RolloutFailed("health checks", str(exc) + ("\n" + "\n".join(tail) if tail else "")) from None
+        except BaseException:
+            await asyncio.gather(*(self.scheduler.stop(i) for i in started), return_exceptions=True)
+            raise
+        self.router.set_app(spec.app, spec.hostnames, [("127.0.0.1", i.port) for i in web])
+        self._live[spec.app] = spec.version
+        say(f"routing {', '.join(spec.hostnames)} to v{spec.version}" + ("" if web else " (no web process)"))
+        self._drain(old)
+
+    def _drain(self, old: list[Instance]) -> None:
+        """Requests in flight on the old processes finish; then they get SIGTERM."""
+        if not old:
+            return
+
+        async def drain() -> None:
+            await asyncio.sleep(self.drain_seconds)
+            await asyncio.gather(*(self.scheduler.stop(i) for i in old), return_exceptions=True)
+
+        task = asyncio.create_task(drain())
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def wait_drained(self) -> None:
+        if self._draining:
+            await asyncio.gather(*self._draining, return_exceptions=True)
+
+    def adopt(self, app: str, version: int, hostnames: Sequence[str]) -> bool:
+        """After a daemon restart: route to the release's processes that still run. False if none do."""
+        instances = [i for i in self.scheduler.instances(app) if i.alive()]
+        current = [i for i in instances if i.version == version]
+        if not current:
+            return False
+        stale = [i for i in instances if i.version != version]
+        self.router.set_app(app, hostnames, [("127.0.0.1", i.port) for i in current if i.process_type == "web"])
+        self._live[app] = version
+        self._drain(stale)
+        return True
+
+    async def reroute(self, app: str, hostnames: Sequence[str]) -> None:
+        """New host names for the processes already live (domains:add)."""
+        version = self._live.get(app)
+        web = [i for i in self.scheduler.instances(app)
+               if i.version == version and i.process_type == "web" and i.alive()]
+        self.router.set_app(app, hostnames, [("127.0.0.1", i.port) for i in web])
+
+    async def stop_app(self, app: str) -> None:
+        self.router.remove_app(app)
+        self._live.pop(app, None)
+        await asyncio.gather(*(self.scheduler.stop(i) for i in self.scheduler.instances(app)), return_exceptions=True)
+
+    def processes(self, app: str) -> list[dict]:
+        return [i.record() for i in self.scheduler.instances(app)]

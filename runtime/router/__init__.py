@@ -1,0 +1,20 @@
+"""The Router role: send each request for an app's host names to one of its healthy web processes.
+
+Implementations: `builtin_impl` (embedded default); Caddy and Kubernetes Ingress take the same calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Router(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]]) -> None:
+        """Atomically replace the app's host names and healthy web upstreams (host, port); [] upstreams -> 503."""
+
+    def remove_app(self, app: str) -> None: ...

@@ -1,0 +1,27 @@
+"""The built-in router's limits and timeouts, in one place so tests and the daemon can tune them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    max_head_bytes: int = 64 * 1024
+    """A request line plus headers larger than this gets 431, so a client cannot grow memory without end."""
+    head_timeout: float = 30.0
+    """An idle keep-alive connection, or one trickling a request head (slowloris), is closed after this."""
+    body_timeout: float = 60.0
+    """A request body that sends no byte for this long is abandoned."""
+    connect_timeout: float = 3.0
+    """Per upstream: after this the next replica is tried, as for a refused connection."""
+    pool_size: int = 32
+    """Idle keep-alive connections kept per upstream; more are closed when they finish."""
+    pool_idle_timeout: float = 1.5
+    """Idle upstream connections are closed before app servers' own keep-alive timeouts (gunicorn: 2 s)."""
+    buffer_bytes: int = 256 * 1024
+    """Request body held while an upstream is being connected before the client is paused."""
+    shutdown_timeout: float = 5.0
+    """On close, how long requests in flight may finish before their connections are cut."""
+    forwarded_proto: str = "http"
+    """X-Forwarded-Proto sent to apps: the scheme clients used to reach the router."""

@@ -1,0 +1,81 @@
+"""Keep-alive connections to upstreams: a request reuses an idle one instead of paying for a new connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from runtime.router.config import RouterConfig
+from runtime.router.routes import Address
+from runtime.router.upstream import UpstreamConnection
+
+
+class UpstreamPool:
+    """Idle connections per upstream, most recently used first, closed after `pool_idle_timeout`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: RouterConfig) -> None:
+        self.loop = loop
+        self._config = config
+        self._idle: dict[Address, list[UpstreamConnection]] = {}
+        self._closed = False
+        self._sweeper = loop.call_later(config.pool_idle_timeout, self._sweep)
+
+    def take(self, address: Address) -> UpstreamConnection | None:
+        idle = self._idle.get(address)
+        if not idle:
+            return None
+        limit = self.loop.time() - self._config.pool_idle_timeout
+        while idle:
+            conn = idle.pop()
+            if conn.idle_since < limit:
+                self._close_all([*idle, conn])  # the newest is stale, so are the older ones
+                idle.clear()
+            elif not conn.transport.is_closing():  # else the app closed it and connection_lost is on its way
+                conn.reused = True
+                return conn
+        return None
+
+    def put(self, conn: UpstreamConnection) -> None:
+        conn.idle_since = self.loop.time()
+        idle = self._idle.setdefault(conn.address, [])
+        if len(idle) < self._config.pool_size and not conn.transport.is_closing() and not self._closed:
+            idle.append(conn)
+        else:
+            conn.transport.close()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """The app closed an idle connection."""
+        idle = self._idle.get(conn.address)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    async def connect(self, address: Address) -> UpstreamConnection:
+        async with asyncio.timeout(self._config.connect_timeout):
+            _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self, address), *address)
+        return conn
+
+    def retain(self, addresses: set[Address]) -> None:
+        """Close idle connections to upstreams no app routes to any more, so old processes can drain."""
+        for address in [a for a in self._idle if a not in addresses]:
+            self._close_all(self._idle.pop(address))
+
+    def close(self) -> None:
+        self._closed = True
+        self._sweeper.cancel()
+        for idle in self._idle.values():
+            self._close_all(idle)
+        self._idle.clear()
+
+    def _sweep(self) -> None:
+        limit = self.loop.time() - self._config.pool_idle_timeout
+        for idle in self._idle.values():
+            stale = [conn for conn in idle if conn.idle_since < limit]
+            if stale:
+                idle[:] = [conn for conn in idle if conn.idle_since >= limit]
+                self._close_all(stale)
+        self._sweeper = self.loop.call_later(self._config.pool_idle_timeout / 2, self._sweep)
+
+    @staticmethod
+    def _close_all(conns: Iterable[UpstreamConnection]) -> None:
+        for conn in conns:
+            conn.transport.close()

@@ -1,0 +1,273 @@
+"""The built-in router against direct connections to the same app, side by side in one run.
+
+For each app (a stdlib ThreadingHTTPServer, typical of small user apps, and uvicorn, a fast one) the
+load generator (wrk when installed, else a Python one) runs in its own process against the app directly
+and through a BuiltinRouter in another process under uvloop, as the daemon runs it. Two loads each:
+saturation (requests/s, with its latencies) and a paced load at half the router's saturation rate,
+where added latency is what the router itself costs rather than queueing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import uvicorn
+import uvloop
+
+from benchmarks._support import HOST, ROOT, BenchError, free_port, run_quiet, server
+from runtime.router.builtin_impl import BuiltinRouter
+
+APPS = ("stdlib", "uvicorn")
+HOSTNAME = "bench.localhost"
+BODY = b"hello from the benchmark app\n" * 8  # a small page, headers and body in one write
+
+
+# --- measurement -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    return Sample(statistics.median(s.rps for s in samples), statistics.median(s.p50_ms for s in samples),
+                  statistics.median(s.p99_ms for s in samples), sum(s.errors for s in samples))
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+_DELAY_SCRIPT = "function delay() return {ms} end\n"
+
+
+def wrk(wrk_path: str, port: int, connections: int, seconds: float, delay_ms: int, workdir: Path) -> Sample:
+    """One wrk run; with `delay_ms` each connection waits that long between requests (a paced load)."""
+    argv = [wrk_path, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-H", f"Host: {HOSTNAME}"]
+    if delay_ms:
+        script = workdir / f"delay-{delay_ms}.lua"
+        script.write_text(_DELAY_SCRIPT.format(ms=delay_ms))
+        argv += ["-s", str(script)]
+    out = run_quiet([*argv, f"http://{HOST}:{port}/"], timeout=seconds + 60).stdout.decode()
+
+    def latency(percent: str) -> float:
+        found = re.search(rf"^\s*{percent}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not found:
+            raise BenchError(f"cannot read the {percent}% latency from wrk:\n{out}")
+        return float(found[1]) * _UNITS[found[2]]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not rps:
+        raise BenchError(f"cannot read requests/s from wrk:\n{out}")
+    errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout)[: ]\s*(\d+)",
+                                            out.split("Requests/sec")[0]))
+    return Sample(float(rps[1]), latency("50"), latency("99"), errors)
+
+
+def python_load(port: int, connections: int, seconds: float, delay_ms: int) -> Sample:
+    """The fallback load generator, in its own process like wrk: keep-alive connections on uvloop."""
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    argv = [sys.executable, "-m", "benchmarks.router", "load", str(port), str(connections), str(seconds),
+            str(delay_ms)]
+    result = json.loads(run_quiet(argv, timeout=seconds + 60, env=env).stdout)
+    return Sample(**result)
+
+
+async def _load(port: int, connections: int, seconds: float, delay_ms: int) -> Sample:
+    request = f"GET / HTTP/1.1\r\nHost: {HOSTNAME}\r\n\r\n".encode()
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def one_connection() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"content-length:\s*(\d+)", head, re.I)[1])
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+                errors += not head.startswith(b"HTTP/1.1 200")
+                if delay_ms:
+                    await asyncio.sleep(delay_ms / 1000)
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_connection() for _ in range(connections)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return Sample(len(latencies) / elapsed, latencies[len(latencies) // 2] * 1000,
+                  latencies[int(len(latencies) * 0.99)] * 1000, errors)
+
+
+# --- the servers -----------------------------------------------------------------------------------------
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join([str(ROOT / "scripts"), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+class StdlibApp(ThreadingHTTPServer):
+    request_queue_size = 128  # not 5: connection bursts would measure SYN retransmits, not requests
+
+
+class StdlibHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    wbufsize = 1 << 16  # head and body in one write, as frameworks do (else Nagle and delayed ACKs: 40 ms)
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def serve_stdlib(port: int) -> None:
+    StdlibApp((HOST, port), StdlibHandler).serve_forever()
+
+
+async def _asgi_app(scope: dict, receive: object, send) -> None:  # noqa: ANN001 - the ASGI send callable
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(BODY)).encode())]})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+def serve_uvicorn(port: int) -> None:
+    uvicorn.run(_asgi_app, host=HOST, port=port, loop="uvloop", http="httptools", lifespan="off",
+                access_log=False, log_level="warning")
+
+
+def serve_router(port: int, app_port: int) -> None:
+    async def run() -> None:
+        router = BuiltinRouter(HOST, port)
+        await router.start()
+        router.set_app("bench", [HOSTNAME], [(HOST, app_port)])
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await router.close()
+
+    uvloop.run(run())
+
+
+@contextmanager
+def app_and_router(kind: str, logs: Path) -> Iterator[tuple[int, int]]:
+    """The app and a router in front of it, each in its own process; yields (app port, router port)."""
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    app_port, router_port = free_port(), free_port()
+    module = [sys.executable, "-m", "benchmarks.router"]
+    with ExitStack() as stack:
+        stack.enter_context(server(f"{kind} app", [*module, "serve-app", kind, str(app_port)], logs / f"{kind}.log",
+                                   app_port, env))
+        stack.enter_context(server("router", [*module, "serve-router", str(router_port), str(app_port)],
+                                   logs / f"router-{kind}.log", router_port, env))
+        yield app_port, router_port
+
+
+# --- the report ------------------------------------------------------------------------------------------
+
+
+def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
+    wrk_path = shutil.which("wrk")
+
+    def run(port: int, seconds: float, delay_ms: int = 0) -> Sample:
+        if wrk_path:
+            return wrk(wrk_path, port, args.connections, seconds, delay_ms, workdir)
+        return python_load(port, args.connections, seconds, delay_ms)
+
+    def side_by_side(direct_port: int, router_port: int, delay_ms: int = 0) -> tuple[Sample, Sample]:
+        direct, routed = [], []
+        for _ in range(args.runs):  # alternate, so that drift in the machine hits both alike
+            direct.append(run(direct_port, args.duration, delay_ms))
+            routed.append(run(router_port, args.duration, delay_ms))
+        return median_sample(direct), median_sample(routed)
+
+    with app_and_router(kind, workdir) as (app_port, router_port):
+        run(app_port, 1)
+        run(router_port, 1)
+        direct, routed = side_by_side(app_port, router_port)
+        rate = routed.rps / 2
+        delay_ms = max(1, round(args.connections / rate * 1000))
+        paced_direct, paced_routed = side_by_side(app_port, router_port, delay_ms)
+    lines = [
+        f"{kind} app, {args.connections} connections, {'wrk' if wrk_path else 'Python load generator'}, "
+        f"median of {args.runs} x {args.duration:g}s",
+        f"  saturation  direct {direct.rps:9.0f} req/s  p50 {direct.p50_ms:6.2f} ms  p99 {direct.p99_ms:6.2f} ms",
+        f"              router {routed.rps:9.0f} req/s  p50 {routed.p50_ms:6.2f} ms  p99 {routed.p99_ms:6.2f} ms"
+        f"  ratio {routed.rps / direct.rps:.2f}",
+        f"  paced ~{args.connections * 1000 / delay_ms:.0f} req/s  direct p50 {paced_direct.p50_ms:6.2f} ms  "
+        f"p99 {paced_direct.p99_ms:6.2f} ms",
+        f"              router p50 {paced_routed.p50_ms:6.2f} ms  p99 {paced_routed.p99_ms:6.2f} ms  "
+        f"added p99 {paced_routed.p99_ms - paced_direct.p99_ms:+.2f} ms",
+    ]
+    errors = direct.errors + routed.errors + paced_direct.errors + paced_routed.errors
+    if errors:
+        lines.append(f"  {errors} failed requests")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.router", description=__doc__.splitlines()[0])
+    parser.add_argument("--apps", nargs="+", choices=APPS, default=list(APPS), help="apps to put behind the router")
+    parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections (default 32)")
+    parser.add_argument("--duration", type=float, default=5, help="seconds per run (default 5)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement, median reported (default 3)")
+    sub = parser.add_subparsers(dest="command", help="the benchmark's own processes (internal)")
+    app = sub.add_parser("serve-app")
+    app.add_argument("kind", choices=APPS)
+    app.add_argument("port", type=int)
+    router = sub.add_parser("serve-router")
+    router.add_argument("port", type=int)
+    router.add_argument("app_port", type=int)
+    load = sub.add_parser("load")
+    for name, kind in (("port", int), ("connections", int), ("seconds", float), ("delay_ms", int)):
+        load.add_argument(name, type=kind)
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.connections < 1 or args.duration <= 0:
+        parser.error("--runs, --connections and --duration must be positive")
+
+    if args.command == "serve-app":
+        (serve_stdlib if args.kind == "stdlib" else serve_uvicorn)(args.port)
+    elif args.command == "serve-router":
+        serve_router(args.port, args.app_port)
+    elif args.command == "load":
+        print(json.dumps(asdict(uvloop.run(_load(args.port, args.connections, args.seconds, args.delay_ms)))))
+    else:
+        loadavg = " ".join(f"{n:.1f}" for n in os.getloadavg())
+        print(f"router benchmark on {os.cpu_count()} CPUs, load average {loadavg} before starting", flush=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="devflow-bench-router-") as tmp:
+                for kind in args.apps:
+                    print("\n".join(measure(kind, args, Path(tmp))), flush=True)
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

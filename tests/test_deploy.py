@@ -1,0 +1,248 @@
+"""Push to a live URL on the embedded default: the real daemon, git, ssh and HTTP through the router."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import Daemon, commit, launch, start_daemon, stop_app_processes, stop_daemon
+
+APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory) -> Iterator[Daemon]:
+    if shutil.which("git") is None or shutil.which("ssh") is None:
+        pytest.skip("needs the C git and OpenSSH clients")
+    d = start_daemon(tmp_path_factory.mktemp("deploy"))
+    yield d
+    stop_daemon(d)
+
+
+def app_repo(daemon: Daemon, fixture: str, name: str) -> Path:
+    """A git repo holding a copy of tests/apps/<fixture>."""
+    path = daemon.work / name
+    shutil.copytree(APPS / fixture, path)
+    daemon.git("init", "-q", "-b", "main", str(path))
+    commit(path, "init")
+    return path
+
+
+def get(daemon: Daemon, app: str, path: str = "/", **kwargs) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{daemon.router_port}{path}", headers={"Host": f"{app}.localhost"},
+                     timeout=10, **kwargs)
+
+
+def push(daemon: Daemon, repo: Path, app: str, *args: str, check: bool = True):
+    return daemon.git("push", *args, f"{daemon.ssh_url}/{app}.git", "main", cwd=repo, check=check)
+
+
+def remote_head(daemon: Daemon, app: str) -> str:
+    return daemon.git("ls-remote", f"{daemon.ssh_url}/{app}.git", "refs/heads/main").stdout.split("\t")[0]
+
+
+def test_push_deploys_to_a_live_url(live: Daemon) -> None:
+    repo = app_repo(live, "stdlib", "web1")
+    result = push(live, repo, "web1")
+    out = result.stderr
+    for stage in ("Deployment #", "Released v1", f"web1 is live at http://web1.localhost:{live.router_port}"):
+        assert stage in out
+    assert get(live, "web1").text == "stdlib v1"
+    assert get(live, "web1", "/env/DEVFLOW_APP").text == "web1"
+    assert get(live, "web1", "/env/DEVFLOW_RELEASE").text == "v1"
+    assert get(live, "web1", "/env/PORT").text.isdigit()
+    assert "web1" in live.ssh("logs", "web1").stdout
+
+
+def test_config_changes_release_without_rebuild(live: Daemon) -> None:
+    repo = app_repo(live, "stdlib", "cfg")
+    push(live, repo, "cfg")
+    tricky = "line one\nline 'two' \"three\" ünïcödé $HOME `x`"
+    encoded = base64.b64encode(tricky.encode()).decode()
+    result = live.ssh("config:set", "--encoded", "cfg", f"TRICKY={encoded}")
+    assert result.returncode == 0, result.stderr
+    assert "Deployment #" not in result.stdout and "release: v2" in result.stdout
+    assert get(live, "cfg", "/env/TRICKY").text == tricky
+    assert live.ssh("config:get", "cfg", "TRICKY").stdout == tricky + "\n"
+    result = live.ssh("config:set cfg 'GREETING=hello there'")
+    assert result.returncode == 0, result.stderr
+    assert get(live, "cfg", "/env/GREETING").text == "hello there"
+    assert live.ssh("config:unset", "cfg", "GREETING").returncode == 0
+    assert get(live, "cfg", "/env/GREETING").text == ""
+    releases = live.ssh("releases", "cfg").stdout
+    assert [line.split()[0] for line in releases.splitlines()[1:]] == ["v4", "v3", "v2", "v1"]
+    assert "ünïcödé" not in releases and "ünïcödé" not in live.log.read_text()
+
+
+def test_bad_config_refused(live: Daemon) -> None:
+    app_repo(live, "stdlib", "cfgbad")
+    push(live, live.work / "cfgbad", "cfgbad")
+    for bad in ("1X=y", "PORT=1", "NOEQUALS"):
+        result = live.ssh("config:set", "cfgbad", bad)
+        assert result.returncode != 0 and "error:" in result.stderr
+    assert live.ssh("releases", "cfgbad").stdout.count("\nv") == 1
+
+
+def test_rollback(live: Daemon) -> None:
+    repo = app_repo(live, "stdlib", "rb")
+    push(live, repo, "rb")
+    (repo / "app.py").write_text((repo / "app.py").read_text().replace('VERSION = "v1"', 'VERSION = "v2"'))
+    commit(repo, "v2")
+    push(live, repo, "rb")
+    assert get(live, "rb").text == "stdlib v2"
+    result = live.ssh("rollback", "rb", "v1")
+    assert result.returncode == 0, result.stderr
+    assert get(live, "rb").text == "stdlib v1"
+    assert "rollback to v1" in live.ssh("releases", "rb").stdout
+    assert live.ssh("rollback", "rb", "v9").returncode != 0
+
+
+def test_failing_release_phase_keeps_the_old_release(live: Daemon) -> None:
+    repo = app_repo(live, "stdlib", "relfail")
+    push(live, repo, "relfail")
+    good = remote_head(live, "relfail")
+    shutil.copy(APPS / "release-fails" / "Procfile", repo / "Procfile")
+    commit(repo, "release fails")
+    result = push(live, repo, "relfail", check=False)
+    assert result.returncode != 0
+    assert "[remote rejected] main -> main" in result.stderr
+    assert "release phase" in result.stderr
+    assert remote_head(live, "relfail") == good
+    assert get(live, "relfail").text == "stdlib v1"
+
+
+@pytest.mark.parametrize("fixture, why", [("unhealthy", "health check"), ("crashes", "exited"),
+                                          ("build-fails", "build")])
+def test_bad_deploys_are_rejected(live: Daemon, fixture: str, why: str) -> None:
+    name = f"bad-{fixture}"
+    repo = app_repo(live, "stdlib", name)
+    push(live, repo, name)
+    good = remote_head(live, name)
+    for path in repo.iterdir():
+        if path.name != ".git":
+            (shutil.rmtree if path.is_dir() else Path.unlink)(path)
+    shutil.copytree(APPS / fixture, repo, dirs_exist_ok=True)
+    commit(repo, fixture)
+    result = push(live, repo, name, check=False)
+    assert result.returncode != 0
+    assert why in result.stderr
+    assert remote_head(live, name) == good
+    assert get(live, name).text == "stdlib v1"
+    assert [p["release"] for p in live.api().get(f"apps/{name}/processes").json()] == ["v1"]
+
+
+def test_workers_release_phase_and_scale(live: Daemon) -> None:
+    repo = app_repo(live, "workers", "wk")
+    push(live, repo, "wk")
+    assert get(live, "wk", "/release").text == "release ran for v1"
+    assert live.ssh("ps:scale", "wk", "web=2", "worker=1").returncode == 0
+    processes = {p["process"]: p for p in live.api().get("apps/wk/processes").json()}
+    assert set(processes) == {"web.1", "web.2", "worker.1"}
+    ports = set()
+    for _ in range(20):
+        ports.add(get(live, "wk", "/env/PORT").text)
+    assert len(ports) == 2
+    for _ in range(100):
+        if "worker tick" in live.ssh("logs", "wk", "--process", "worker").stdout:
+            break
+        time.sleep(0.1)
+    assert "worker.1 | worker tick" in live.ssh("logs", "wk", "--process", "worker").stdout
+
+
+def test_healthchecks_and_deploy_hooks(live: Daemon) -> None:
+    repo = app_repo(live, "healthchecks", "hc")
+    result = push(live, repo, "hc")
+    assert "predeploy" in result.stderr and "passed" in result.stderr
+    assert get(live, "hc", "/hooks").text == "predeploy,postdeploy"
+
+
+def test_detach_returns_before_the_deploy(live: Daemon) -> None:
+    repo = app_repo(live, "stdlib", "det")
+    result = push(live, repo, "det", "-o", "detach")
+    assert "Queued" in result.stderr and "is live" not in result.stderr
+    for _ in range(200):
+        try:
+            if get(live, "det").text == "stdlib v1":
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    assert get(live, "det").text == "stdlib v1"
+
+
+def test_unknown_host_and_custom_domain(live: Daemon) -> None:
+    repo = app_repo(live, "stdlib", "dom")
+    push(live, repo, "dom")
+    response = httpx.get(f"http://127.0.0.1:{live.router_port}/", headers={"Host": "nope.localhost"})
+    assert response.status_code == 404
+    assert live.ssh("domains:add", "dom", "www.example.test").returncode == 0
+    response = httpx.get(f"http://127.0.0.1:{live.router_port}/", headers={"Host": "www.example.test"})
+    assert response.text == "stdlib v1"
+    assert live.ssh("domains:add", "dom", "not a domain").returncode != 0
+
+
+def test_no_request_fails_through_redeploys(live: Daemon) -> None:
+    repo = app_repo(live, "stdlib", "load")
+    push(live, repo, "load")
+    failures: list[str] = []
+    ok = [0]
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(timeout=10) as client:
+            for _ in range(20000):
+                if stop.is_set():
+                    return
+                try:
+                    response = client.get(f"http://127.0.0.1:{live.router_port}/", headers={"Host": "load.localhost"})
+                    if response.status_code == 200:
+                        ok[0] += 1
+                    else:
+                        failures.append(f"HTTP {response.status_code}")
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for version in ("v2", "v3"):
+            text = (repo / "app.py").read_text()
+            (repo / "app.py").write_text(text.replace(text.split('VERSION = "')[1][:2], version, 1))
+            commit(repo, version)
+            push(live, repo, "load")
+            assert live.ssh("config:set", "load", f"ROUND={version}").returncode == 0
+        assert live.ssh("ps:restart", "load").returncode == 0
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert get(live, "load").text == "stdlib v3"
+    assert failures == [], failures[:5]
+    assert ok[0] > 100
+
+
+def test_daemon_restart_keeps_apps_serving(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path)
+    try:
+        repo = app_repo(daemon, "stdlib", "keep")
+        push(daemon, repo, "keep")
+        port = daemon.api().get("apps/keep/processes").json()[0]["port"]
+        stop_daemon(daemon, stop_apps=False)
+        assert httpx.get(f"http://127.0.0.1:{port}/").text == "stdlib v1"
+        launch(daemon)
+        assert get(daemon, "keep").text == "stdlib v1"
+        assert daemon.api().get("apps/keep/processes").json()[0]["port"] == port
+        stop_daemon(daemon, stop_apps=False)
+        stop_app_processes(daemon.data)
+        launch(daemon)  # as after a reboot: nothing runs, the last live release comes back
+        assert get(daemon, "keep").text == "stdlib v1"
+    finally:
+        stop_daemon(daemon)

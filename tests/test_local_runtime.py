@@ -1,0 +1,112 @@
+"""The local scheduler and its supervisor: real processes, restarts, graceful stops, logs, health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runtime.health import Check, HealthCheckFailed, wait_healthy
+from runtime.local.scheduler import Instance, LocalScheduler, free_port
+from runtime.process_logs import ProcessLogs
+
+APP = textwrap.dedent("""
+    import http.server, os, signal, sys, time
+    print("booting", flush=True)
+    if os.environ.get("CRASH"):
+        sys.exit(3)
+    def bye(*_):
+        print("got SIGTERM, finishing", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, bye)
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = os.environ.get("BODY", "ok").encode()
+            self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            print("request", self.path, flush=True)
+    http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+""")
+
+
+@pytest.fixture
+def scheduler(tmp_path: Path):
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "app.py").write_text(APP)
+    sched = LocalScheduler(tmp_path / "run", ProcessLogs(tmp_path / "logs"), stop_timeout=3)
+    yield sched
+    for instance in sched.instances():
+        asyncio.run(sched.stop(instance))
+
+
+def start(sched: LocalScheduler, tmp_path: Path, **env: str) -> Instance:
+    port = free_port()
+    full_env = {"PATH": os.environ["PATH"], "PORT": str(port), **env}
+    return asyncio.run(sched.start("demo", 1, "web", 1, f"{sys.executable} app.py", tmp_path / "app", full_env, port))
+
+
+def wait_for(predicate, attempts: int = 200, delay: float = 0.05) -> bool:
+    for _ in range(attempts):
+        if predicate():
+            return True
+        time.sleep(delay)
+    return False
+
+
+def test_process_serves_and_logs_with_names(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    instance = start(scheduler, tmp_path, BODY="hello")
+    asyncio.run(wait_healthy(instance, [Check("body", content="hello", attempts=3, wait=0.1)], lambda line: None))
+    assert httpx.get(f"http://127.0.0.1:{instance.port}/x").text == "hello"
+    assert wait_for(lambda: any("web.1 | request /x" in line for line in scheduler.logs.tail("demo")))
+    assert instance.record()["state"] == "running"
+    assert scheduler.instances("demo") == [instance]
+
+
+def test_crashed_child_is_restarted(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    instance = start(scheduler, tmp_path)
+    asyncio.run(wait_healthy(instance, [], lambda line: None))
+    os.kill(instance.status()["child_pid"], signal.SIGKILL)
+    assert wait_for(lambda: instance.status().get("restarts") == 1 and instance.status()["state"] == "running")
+    asyncio.run(wait_healthy(instance, [], lambda line: None))
+
+
+def test_crash_loop_gives_up_and_health_check_says_so(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    instance = start(scheduler, tmp_path, CRASH="1")
+    with pytest.raises(HealthCheckFailed, match="exited"):
+        asyncio.run(wait_healthy(instance, [], lambda line: None))
+    assert wait_for(lambda: instance.status()["state"] == "crashed", attempts=400)
+    assert any("giving up" in line for line in scheduler.logs.tail("demo"))
+
+
+def test_stop_is_graceful(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    instance = start(scheduler, tmp_path)
+    asyncio.run(wait_healthy(instance, [], lambda line: None))
+    asyncio.run(scheduler.stop(instance))
+    assert not instance.directory.exists()
+    assert any("got SIGTERM, finishing" in line for line in scheduler.logs.tail("demo"))
+    assert scheduler.instances("demo") == []
+
+
+def test_wrong_content_fails_the_check(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    instance = start(scheduler, tmp_path, BODY="sick")
+    lines: list[str] = []
+    with pytest.raises(HealthCheckFailed, match="does not contain 'well'"):
+        asyncio.run(wait_healthy(instance, [Check("body", content="well", attempts=2, wait=0.05)], lines.append))
+    assert len([line for line in lines if "attempt" in line]) == 2
+
+
+def test_run_once_streams_output(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    lines: list[str] = []
+    code = asyncio.run(scheduler.run_once("demo", "release", "echo one; echo two; exit 4", tmp_path / "app",
+                                          {"PATH": os.environ["PATH"]}, lines.append))
+    assert code == 4
+    assert lines == ["one", "two"]
+    assert any(line.endswith("release | two") for line in scheduler.logs.tail("demo", process="release"))

@@ -1,0 +1,415 @@
+"""Real builds of the fixture apps with the native builder: pip into a venv, npm ci, the caches, the errors.
+
+Each built app is also started with the processes and environment the build returned and asked for a
+page, the way the runtime will run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import free_port
+from pipeline.builders import BuildError, BuildResult
+from pipeline.builders.native_impl import NativeBuilder, _python_web, _reads_source
+from pipeline.detect import detect
+
+APPS = Path(__file__).parent / "apps"
+BASE_ENV = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8"}
+STEP_TIMEOUT = 600.0
+HOST_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+NO_DEPENDENCIES_PYPROJECT = '[project]\nname = "app"\nversion = "1"\ndependencies = []\n'
+
+
+def copy_app(name: str, target: Path) -> Path:
+    shutil.copytree(APPS / name, target)
+    return target
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content)
+    return root
+
+
+def build(src: Path, cache: Path, builder: NativeBuilder | None = None,
+          env: dict[str, str] | None = None) -> tuple[BuildResult, list[str]]:
+    lines: list[str] = []
+    builder = builder or NativeBuilder(step_timeout=STEP_TIMEOUT)
+    result = asyncio.run(builder.build(src, detect(src), cache, env or BASE_ENV, lines.append))
+    return result, lines
+
+
+def build_error(src: Path, cache: Path, builder: NativeBuilder | None = None,
+                env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    lines: list[str] = []
+    builder = builder or NativeBuilder(step_timeout=STEP_TIMEOUT)
+    with pytest.raises(BuildError) as error:
+        asyncio.run(builder.build(src, detect(src), cache, env or BASE_ENV, lines.append))
+    return str(error.value), lines
+
+
+@contextmanager
+def serve(src: Path, result: BuildResult, process: str = "web") -> Iterator[httpx.Client]:
+    """Start one process as the runtime would (sh -c, the build's env, $PORT) and wait for it to answer."""
+    port = free_port()
+    log = src.parent / f"{src.name}-{process}.log"
+    with log.open("wb") as output:
+        proc = subprocess.Popen(["/bin/sh", "-c", result.processes[process]], cwd=src, stdout=output,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**BASE_ENV, **result.env, "PORT": str(port), "GREETING": "hello"})
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=5) as client:
+            for _ in range(300):
+                assert proc.poll() is None, f"{process} exited: {log.read_text()}"
+                try:
+                    client.get("/")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            else:
+                raise AssertionError(f"{process} did not answer on port {port}: {log.read_text()}")
+            yield client
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def commands(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("$ ")]
+
+
+def extra_ca(path: Path) -> Path:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "DevFlow test extra CA")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+# Python
+
+
+def test_flask_gets_a_venv_and_gunicorn_and_a_redeploy_reinstalls_nothing(tmp_path):
+    """Also with an extra CA: pip still trusts the host's CAs (PyPI is reached over TLS here) plus the extra one."""
+    cache = tmp_path / "cache"
+    ca = extra_ca(tmp_path / "extra-ca.pem")
+    builder = NativeBuilder(ca, step_timeout=STEP_TIMEOUT)
+    first, lines = build(copy_app("flask", tmp_path / "v1"), cache, builder)
+    assert first.processes == {"web": "gunicorn app:app --bind 0.0.0.0:$PORT"}
+    assert commands(lines)[-1] == "$ pip install -r requirements.txt"
+    assert any(line.startswith("Successfully installed") and "flask" in line for line in lines)
+    venv = Path(first.env["VIRTUAL_ENV"])
+    assert venv.parent == cache / "python"
+    assert first.env["PATH"].split(os.pathsep)[0] == str(venv / "bin")
+    assert first.env["PYTHONUNBUFFERED"] == "1"
+    bundle = (cache / "ca-bundle.pem").read_text()
+    assert ca.read_text().strip() in bundle
+    system = Path("/etc/ssl/certs/ca-certificates.crt")
+    if system.is_file():
+        assert system.read_text().strip()[:2000] in bundle
+    with serve(tmp_path / "v1", first) as client:
+        assert client.get("/").text == "flask v1"
+        assert client.get("/env/GREETING").text == "hello"
+
+    ready = venv / ".devflow-ready"
+    installed = ready.stat().st_mtime_ns, (venv / "bin" / "gunicorn").stat().st_mtime_ns
+    second, lines = build(copy_app("flask", tmp_path / "v2"), cache, builder)
+    assert "Reusing the Python environment: Python" in "\n".join(lines)
+    assert commands(lines) == []
+    assert second == first
+    assert (ready.stat().st_mtime_ns, (venv / "bin" / "gunicorn").stat().st_mtime_ns) == installed
+    with serve(tmp_path / "v2", second) as client:
+        assert client.get("/").text == "flask v1"
+
+
+def test_build_fails_with_pips_message_and_leaves_no_half_built_environment(tmp_path):
+    cache = tmp_path / "cache"
+    message, lines = build_error(copy_app("build-fails", tmp_path / "v1"), cache)
+    assert message.startswith("`pip install -r requirements.txt` failed with exit status 1:")
+    assert "No matching distribution found for devflow-fixture-no-such-package-7f3a9c==1.0.0" in message
+    assert any("No matching distribution found" in line for line in lines)
+    assert not list((cache / "python").glob("*/.devflow-ready"))
+    message, lines = build_error(copy_app("build-fails", tmp_path / "v2"), cache)
+    assert "No matching distribution found" in message
+    assert "$ pip install -r requirements.txt" in lines
+
+
+def test_procfile_apps_keep_their_processes(tmp_path):
+    result, lines = build(copy_app("stdlib", tmp_path / "stdlib"), tmp_path / "cache")
+    assert result.processes == {"web": "python3 app.py"}
+    assert commands(lines) == []
+    with serve(tmp_path / "stdlib", result) as client:
+        assert client.get("/").text == "stdlib v1"
+        assert client.get("/env/GREETING").text == "hello"
+    workers, _ = build(copy_app("workers", tmp_path / "workers"), tmp_path / "cache")
+    assert workers.processes == {"web": "python3 app.py", "worker": "python3 worker.py",
+                                 "release": "python3 release.py"}
+
+
+def test_python_version_file_picks_the_interpreter(tmp_path):
+    src = write(tmp_path / "app", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, ".python-version": HOST_PYTHON,
+                                   "Procfile": "web: python -c 'import sys; print(sys.version)'\n"})
+    result, lines = build(src, tmp_path / "cache")
+    assert any(line.startswith(f"Using Python {HOST_PYTHON}.") for line in lines)
+    venv_python = Path(result.env["VIRTUAL_ENV"]) / "bin" / "python"
+    version = subprocess.run([venv_python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    assert version == HOST_PYTHON
+    (src / ".python-version").write_text("3.4\n")
+    message, _ = build_error(src, tmp_path / "cache")
+    assert message.startswith("Python 3.4 is requested by the app but not installed on the build host (found: ")
+    assert "install it (e.g. pyenv install 3.4) or change .python-version" in message
+
+
+def test_pyproject_without_dependencies_needs_no_install_and_no_gunicorn_means_a_procfile(tmp_path):
+    message, lines = build_error(write(tmp_path / "app", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT,
+                                                          "app.py": "app = object()\n"}), tmp_path / "cache")
+    assert message.startswith("No Procfile, and gunicorn is not among the dependencies: add a Procfile with a "
+                              "web: line")
+    assert len(commands(lines)) == 1 and " -m venv " in commands(lines)[0]
+
+
+@pytest.mark.parametrize("tool, files", [
+    ("uv", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, "uv.lock": "version = 1\n"}),
+    ("poetry", {"pyproject.toml": "[tool.poetry]\nname = 'app'\n", "poetry.lock": ""}),
+    ("pipenv", {"Pipfile": "[packages]\n", "Pipfile.lock": "{}"}),
+])
+def test_a_missing_python_tool_names_what_to_install(tmp_path, tool, files):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    src = write(tmp_path / "app", {**files, "Procfile": "web: python3 app.py\n"})
+    message, _ = build_error(src, tmp_path / "cache", env={"PATH": str(bin_dir)})
+    assert f"install {'it' if tool != 'uv' else 'uv'} (" in message and f"`{tool}` is on the PATH" in message
+
+
+def test_default_web_process_needs_one_obvious_wsgi_app(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "gunicorn").touch()
+    cases = {
+        "flask": ({"app.py": "from flask import Flask\napp = Flask(__name__)\n"}, "gunicorn app:app"),
+        "wsgi-application": ({"wsgi.py": "from mysite.web import application\n"}, "gunicorn wsgi:application"),
+        "annotated": ({"main.py": "app: object = make()\n"}, "gunicorn main:app"),
+        "django": ({"manage.py": "", "mysite/wsgi.py": "application = get_wsgi_application()\n"},
+                   "gunicorn mysite.wsgi"),
+        "fastapi-is-not-wsgi": ({"main.py": "from fastapi import FastAPI\napp = FastAPI()\n"}, None),
+        "syntax-error": ({"app.py": "app = (\n"}, None),
+        "two": ({"app.py": "app = 1\n", "wsgi.py": "application = 2\n"}, None),
+    }
+    for name, (files, command) in cases.items():
+        web, why = _python_web(write(tmp_path / name, files), venv)
+        assert web == (f"{command} --bind 0.0.0.0:$PORT" if command else None), name
+        assert bool(why) == (command is None), name
+    assert "several modules could be the web app (wsgi:application, app:app)" in _python_web(tmp_path / "two", venv)[1]
+    assert "no wsgi.py/app.py/main.py/application.py defines a WSGI `app`" in \
+           _python_web(tmp_path / "fastapi-is-not-wsgi", venv)[1]
+
+
+def test_requirements_that_read_the_app_tree_are_not_cached(tmp_path):
+    cases = {"flask\n-e .\n": True, "./libs/pkg\n": True, "pkg @ file:///x\n": True, "-f wheels\npkg\n": True,
+             "--find-links https://x/simple\npkg\n": False, "flask==3 # ./not-a-path\n": False,
+             "-r base.txt\n": False}
+    for text, reads in cases.items():
+        assert _reads_source(write(tmp_path, {"requirements.txt": text}) / "requirements.txt") is reads, text
+
+
+# Node
+
+
+def test_node_runs_npm_ci_and_build_then_reuses_node_modules(tmp_path):
+    cache = tmp_path / "cache"
+    first, lines = build(copy_app("node", tmp_path / "v1"), cache)
+    assert first.processes == {"web": "npm start"}
+    assert commands(lines) == ["$ npm ci --include=dev --no-audit --no-fund", "$ npm run build"]
+    assert "built dist/banner.txt" in lines
+    assert first.env["NODE_ENV"] == "production"
+    assert first.env["PATH"].split(os.pathsep)[0] == str(tmp_path / "v1" / "node_modules" / ".bin")
+    with serve(tmp_path / "v1", first) as client:
+        assert client.get("/").text == "node v1"
+        assert client.get("/env/GREETING").text == "hello"
+        assert client.get("/uptime").text[0].isdigit()  # the `ms` dependency is installed
+
+    cached = next((cache / "node").glob("*/node_modules/ms/package.json"))
+    installed = cached.stat().st_mtime_ns
+    second, lines = build(copy_app("node", tmp_path / "v2"), cache)
+    assert any(line.startswith("Reusing node_modules: Node.js") for line in lines)
+    assert commands(lines) == ["$ npm run build"]
+    assert cached.stat().st_mtime_ns == installed
+    assert (tmp_path / "v2" / "node_modules" / "ms" / "package.json").read_bytes() == cached.read_bytes()
+    with serve(tmp_path / "v2", second) as client:
+        assert client.get("/").text == "node v1"
+
+
+def test_extra_ca_reaches_npm_and_build_scripts(tmp_path):
+    src = copy_app("node", tmp_path / "app")
+    (src / "build.js").write_text(
+        'const fs = require("fs");\nfs.mkdirSync("dist", {recursive: true});\n'
+        'fs.writeFileSync("dist/banner.txt", "x");\n'
+        'const names = ["NODE_EXTRA_CA_CERTS", "npm_config_cafile", "SSL_CERT_FILE", "PIP_CERT"];\n'
+        'fs.writeFileSync("ca.json", JSON.stringify(Object.fromEntries(names.map(n => [n, process.env[n]]))));\n')
+    ca = extra_ca(tmp_path / "extra-ca.pem")
+    result, lines = build(src, tmp_path / "cache", NativeBuilder(ca, step_timeout=STEP_TIMEOUT))
+    assert "$ npm ci --include=dev --no-audit --no-fund" in lines  # fetched `ms` over TLS with the combined bundle
+    seen = json.loads((src / "ca.json").read_text())
+    assert set(seen.values()) == {str(tmp_path / "cache" / "ca-bundle.pem")}
+    assert ca.read_text().strip() in (tmp_path / "cache" / "ca-bundle.pem").read_text()
+    assert not any(key in result.env for key in seen)
+
+
+def test_concurrent_builds_install_once(tmp_path):
+    async def both() -> list[list[str]]:
+        logs: list[list[str]] = [[], []]
+        builder = NativeBuilder(step_timeout=STEP_TIMEOUT)
+        await asyncio.gather(*(builder.build(src, detect(src), tmp_path / "cache", BASE_ENV, logs[i].append)
+                               for i, src in enumerate([copy_app("node", tmp_path / f"v{i}") for i in range(2)])))
+        return logs
+
+    logs = asyncio.run(both())
+    installs = [lines for lines in logs if "$ npm ci --include=dev --no-audit --no-fund" in lines]
+    assert len(installs) == 1
+    assert any(line.startswith("Reusing node_modules") for lines in logs for line in lines)
+    assert all((tmp_path / f"v{i}" / "node_modules" / "ms").is_dir() for i in range(2))
+
+
+@pytest.mark.parametrize("manager, lockfile", [("yarn", "yarn.lock"), ("pnpm", "pnpm-lock.yaml")])
+def test_a_missing_node_package_manager_names_what_to_install(tmp_path, manager, lockfile):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "node").symlink_to(shutil.which("node"))
+    src = write(tmp_path / "app", {"package.json": '{"scripts": {"start": "node x.js"}}', lockfile: ""})
+    message, _ = build_error(src, tmp_path / "cache", env={"PATH": str(bin_dir)})
+    assert f"{lockfile} found, but" in message and f"so `{manager}` is on the PATH" in message
+
+
+def test_missing_start_script_and_node_assets_before_python(tmp_path):
+    package = {"name": "app", "version": "1.0.0", "scripts": {"build": "node -e \"require('fs').writeFileSync("
+                                                                        "'static.css', 'body{}')\""}}
+    src = write(tmp_path / "assets", {"package.json": json.dumps(package)})
+    message, lines = build_error(src, tmp_path / "cache")
+    assert commands(lines) == ["$ npm install --include=dev --no-audit --no-fund", "$ npm run build"]
+    assert message.startswith("No Procfile, and package.json has no \"start\" script")
+
+    write(src, {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, "Procfile": "web: python3 -m http.server $PORT\n"})
+    result, lines = build(src, tmp_path / "cache")
+    assert detect(src).stacks == ("node", "python")
+    assert commands(lines)[0] == "$ npm run build" and " -m venv " in commands(lines)[1]
+    assert (src / "static.css").read_text() == "body{}"
+    path = result.env["PATH"].split(os.pathsep)
+    assert path[:2] == [str(Path(result.env["VIRTUAL_ENV"]) / "bin"), str(src / "node_modules" / ".bin")]
+
+
+def test_tool_output_is_streamed_while_the_tool_runs(tmp_path):
+    """The build script waits for a file the log callback creates on its first line: buffering would hang it."""
+    script = ('const fs = require("fs");\nconsole.log("first line");\nlet n = 0;\n'
+              'const poll = setInterval(() => {\n  if (fs.existsSync("go-on")) { console.log("second line"); '
+              'clearInterval(poll); }\n  else if (++n > 200) { console.error("never heard back"); process.exit(1); }\n'
+              '}, 50);\n')
+    src = write(tmp_path / "app", {"package.json": json.dumps({"name": "app", "scripts": {"build": "node build.js",
+                                                                                          "start": "node build.js"}}),
+                                   "build.js": script})
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line == "first line":
+            (src / "go-on").touch()
+
+    asyncio.run(NativeBuilder(step_timeout=STEP_TIMEOUT).build(src, detect(src), tmp_path / "cache", BASE_ENV, log))
+    assert lines.index("first line") < lines.index("second line")
+
+
+def test_a_step_that_runs_too_long_is_killed(tmp_path):
+    src = write(tmp_path / "app", {"package.json": json.dumps({"name": "app", "scripts": {"build": "node hang.js"}}),
+                                   "hang.js": 'require("fs").writeFileSync("pid", String(process.pid));\n'
+                                              'setTimeout(() => {}, 600000);\n'})
+    message, _ = build_error(src, tmp_path / "cache", NativeBuilder(step_timeout=5))
+    assert message == "`npm run build` did not finish within 5 seconds"
+    pid = int((src / "pid").read_text())
+    for _ in range(100):
+        stat = Path(f"/proc/{pid}/stat")
+        if not stat.exists() or stat.read_text().split(") ")[-1].startswith("Z"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the build script {pid} is still running")
+
+
+def test_a_bad_extra_ca_file_fails_the_build(tmp_path):
+    src = copy_app("stdlib", tmp_path / "app")
+    message, _ = build_error(src, tmp_path / "cache", NativeBuilder(tmp_path / "missing.pem"))
+    assert message == f"the extra CA file {tmp_path / 'missing.pem'} cannot be read: No such file or directory"
+    (tmp_path / "not-a-cert.pem").write_text("hello\n")
+    message, _ = build_error(src, tmp_path / "cache", NativeBuilder(tmp_path / "not-a-cert.pem"))
+    assert message == f"the extra CA file {tmp_path / 'not-a-cert.pem'} holds no PEM certificate"
+
+
+# Go and static sites
+
+
+def test_go_without_a_toolchain_says_to_install_go(tmp_path):
+    src = write(tmp_path / "app", {"go.mod": "module example.com/app\n\ngo 1.22\n",
+                                   "main.go": "package main\n\nfunc main() {}\n"})
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    message, _ = build_error(src, tmp_path / "cache", env={"PATH": str(empty)})
+    assert message == ("go.mod found, but Go is not installed on the build host: install Go (https://go.dev/dl/) "
+                       "so `go` is on the PATH, or add a Dockerfile")
+
+
+def test_static_site_is_served_without_listings_or_dotfiles(tmp_path):
+    src = copy_app("static", tmp_path / "site")
+    write(src, {".secret": "no", "assets/app.css": "body{}", "assets/.env": "no"})
+    result, _ = build(src, tmp_path / "cache")
+    assert set(result.processes) == {"web"}
+    with serve(src, result) as client:
+        assert "static v1" in client.get("/").text
+        assert client.get("/assets/app.css").text == "body{}"
+        assert [client.get(p).status_code for p in ("/assets/", "/.secret", "/assets/.env", "/%2esecret")] == [404] * 4
+        assert client.head("/index.html").status_code == 200
+
+
+def test_static_marker_can_name_the_directory_to_serve(tmp_path):
+    src = write(tmp_path / "site", {".static": "dist\n", "dist/index.html": "from dist", "secret.txt": "no"})
+    result, lines = build(src, tmp_path / "cache")
+    assert "Static site: serving dist/" in lines
+    with serve(src, result) as client:
+        assert client.get("/").text == "from dist"
+        assert client.get("/secret.txt").status_code == 404
+    (src / ".static").write_text("../elsewhere\n")
+    message, _ = build_error(src, tmp_path / "cache")
+    assert message.startswith(".static names '../elsewhere', which is not a directory inside the app")
+
+
+def test_dockerfile_only_app_is_not_for_the_native_builder(tmp_path):
+    message, _ = build_error(write(tmp_path / "app", {"Dockerfile": "FROM scratch\n"}), tmp_path / "cache")
+    assert message.startswith("No Procfile, and nothing the native builder can build")
