@@ -75,6 +75,24 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop_apps(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from runtime.local.scheduler import LocalScheduler
+    from runtime.process_logs import ProcessLogs
+
+    settings = _settings(args)
+    scheduler = LocalScheduler(settings.run_dir / "processes", ProcessLogs(settings.logs_dir))
+    instances = [i for i in scheduler.instances() if i.alive()]
+
+    async def stop_all() -> None:
+        await asyncio.gather(*(scheduler.stop(i) for i in instances))
+
+    asyncio.run(stop_all())
+    print(f"stopped {len(instances)} app process(es)")
+    return 0
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     client = ApiClient(args.url, args.token)
     who = client.whoami()
@@ -141,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--create-user", action="store_true", help="create the user if missing")
     create.add_argument("--json", action="store_true")
     create.set_defaults(run=cmd_tokens_create)
+
+    stop_apps = sub.add_parser("stop-apps", parents=[data_dir],
+                               help="stop every app process (they keep running when the daemon stops)")
+    stop_apps.set_defaults(run=cmd_stop_apps)
 
     login = sub.add_parser("login", help="save the daemon URL and token the management commands use")
     login.add_argument("--url", required=True)

@@ -44,6 +44,7 @@ from pipeline.release_ledger import ReleaseLedger
 from receivers.deploys import DeployOnPush
 from receivers.push_receiver import PushReceiver
 from runtime.local.app_user import app_user_for
+from runtime.local.cgroups import Cgroups
 from runtime.local.scheduler import LocalScheduler
 from runtime.process_logs import ProcessLogs
 from runtime.rollout import Rollout
@@ -127,7 +128,7 @@ class Daemon:
         self.receiver = PushReceiver()
         self.router = BuiltinRouter(settings.host, settings.router_port)
         logs = ProcessLogs(settings.logs_dir)
-        scheduler = LocalScheduler(settings.run_dir / "processes", logs, user=user)
+        scheduler = LocalScheduler(settings.run_dir / "processes", logs, user=user, cgroups=Cgroups())
         self.rollout = Rollout(scheduler, self.router, logs)
         deploy_settings = DeploySettings(sessions)
         self.deployments = Deployments(

@@ -149,12 +149,10 @@ class DeployManagement:
 
     def ps_restart(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
-        lines, say = self._collect()
-        with pipeline_errors():
-            record = self.deploys.run(self.deploys.deployments.restart(app, say))
-        if record is None:
+        result = self._restart_if_deployed(app)
+        if result["restarted"] is None:
             raise InvalidInput(f"{app} has not been deployed yet")
-        return {"restarted": f"v{record.version}", "output": lines}
+        return result
 
     def ps_stop(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
@@ -167,6 +165,29 @@ class DeployManagement:
     def logs(self, app: str, tail: int = 100, process: str | None = None) -> list[str]:
         self.apps.authorize(self.actor, app, Role.READ)
         return self.deploys.logs.tail(app, tail, process)
+
+    def resources(self, app: str) -> dict:
+        self.apps.authorize(self.actor, app, Role.READ)
+        limits = self.deploys.settings.resources(app)
+        return {"app": app, "memory": limits.memory, "cpu": limits.cpu,
+                "enforced_by": self.deploys.rollout.scheduler.limits_enforcement()}
+
+    def resources_set(self, app: str, pairs: list[str]) -> dict:
+        self.apps.authorize(self.actor, app, Role.ADMIN)
+        with pipeline_errors():
+            self.deploys.settings.set_resources(app, parse_assignments(pairs, encoded=False))
+        return {**self.resources(app), **self._restart_if_deployed(app)}
+
+    def resources_clear(self, app: str) -> dict:
+        self.apps.authorize(self.actor, app, Role.ADMIN)
+        self.deploys.settings.set_resources(app, {})
+        return {**self.resources(app), **self._restart_if_deployed(app)}
+
+    def _restart_if_deployed(self, app: str) -> dict:
+        lines, say = self._collect()
+        with pipeline_errors():
+            record = self.deploys.run(self.deploys.deployments.restart(app, say))
+        return {"restarted": f"v{record.version}" if record else None, "output": lines}
 
     # domains and deploy settings
 

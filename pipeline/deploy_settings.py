@@ -8,6 +8,7 @@ from sqlalchemy.orm import sessionmaker
 
 from pipeline.errors import PipelineInputError
 from pipeline.schema import AppDeploySettings
+from runtime.local.cgroups import Limits
 
 PROCESS_TYPE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -22,7 +23,7 @@ class DeploySettings:
     def _row(self, db, app: str) -> AppDeploySettings:
         row = db.get(AppDeploySettings, app)
         if row is None:
-            row = AppDeploySettings(app=app, deploy_branch=None, formation={}, domains=[])
+            row = AppDeploySettings(app=app, deploy_branch=None, formation={}, domains=[], resources={})
             db.add(row)
         return row
 
@@ -58,6 +59,20 @@ class DeploySettings:
             row = self._row(db, app)
             row.formation = {**(row.formation or {}), **counts}
             return dict(row.formation)
+
+    def resources(self, app: str) -> Limits:
+        with self.sessions() as db:
+            row = db.get(AppDeploySettings, app)
+            return Limits(**row.resources) if row and row.resources else Limits()
+
+    def set_resources(self, app: str, values: dict[str, str]) -> Limits:
+        try:
+            limits = Limits.parse(values)
+        except ValueError as exc:
+            raise PipelineInputError(str(exc)) from None
+        with self.sessions.begin() as db:
+            self._row(db, app).resources = {} if limits.empty else limits.as_dict()
+        return limits
 
     def domains(self, app: str) -> list[str]:
         with self.sessions() as db:

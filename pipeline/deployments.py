@@ -312,7 +312,7 @@ class Deployments:
         checks = {kind: [Check(**c) for c in entries] for kind, entries in app_json.get("healthchecks", {}).items()}
         return ReleaseSpec(app=app, version=version, cwd=cwd, processes=processes, env=env,
                            formation=self._formation(app, processes, app_json), hostnames=self.hostnames(app),
-                           healthchecks=checks)
+                           healthchecks=checks, limits=self.settings.resources(app))
 
     def _formation(self, app: str, processes: dict[str, str], app_json: dict) -> dict[str, int]:
         formation = {kind: 1 if kind == "web" else 0 for kind in processes}

@@ -19,6 +19,7 @@ class AppDeploySettings(Base):
     deploy_branch: Mapped[str | None] = mapped_column(String(255))
     formation: Mapped[dict] = mapped_column(JSON, default=dict)  # process type -> count, set by ps:scale
     domains: Mapped[list] = mapped_column(JSON, default=list)
+    resources: Mapped[dict] = mapped_column(JSON, default=dict)  # memory, cpu limits per process
 
 
 class ConfigVar(Base):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.health import Check, HealthCheckFailed, wait_healthy
+from runtime.local.cgroups import Limits
 from runtime.local.scheduler import Instance, LocalScheduler, free_port
 from runtime.process_logs import ProcessLogs
 from runtime.router import Router
@@ -28,6 +29,7 @@ class ReleaseSpec:
     formation: dict[str, int]
     hostnames: Sequence[str]
     healthchecks: dict[str, list[Check]] = field(default_factory=dict)
+    limits: Limits = Limits()
 
 
 class RolloutFailed(Exception):
@@ -45,6 +47,7 @@ class Rollout:
         self.drain_seconds = drain_seconds
         self._draining: set[asyncio.Task] = set()
         self._live: dict[str, int] = {}  # app -> the version the router sends traffic to
+        self._current: dict[str, set[Path]] = {}  # app -> the instances of the live rollout
 
     async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> None:
         """Raise RolloutFailed, having stopped whatever it started, when the new release is not healthy."""
@@ -58,7 +61,7 @@ class Rollout:
                     port = free_port()
                     env = {**spec.env, "PORT": str(port), "DYNO": f"{kind}.{index}", "DEVFLOW_PROCESS_TYPE": kind}
                     started.append(await self.scheduler.start(
-                        spec.app, spec.version, kind, index, spec.processes[kind], spec.cwd, env, port))
+                        spec.app, spec.version, kind, index, spec.processes[kind], spec.cwd, env, port, spec.limits))
             say("starting " + (", ".join(f"{k}={c}" for k, c in sorted(spec.formation.items())
                                          if c and k in spec.processes) or "no processes"))
             web = [i for i in started if i.process_type == "web"]
@@ -75,6 +78,7 @@ class Rollout:
             raise
         self.router.set_app(spec.app, spec.hostnames, [("127.0.0.1", i.port) for i in web])
         self._live[spec.app] = spec.version
+        self._current[spec.app] = {i.directory for i in started}
         say(f"routing {', '.join(spec.hostnames)} to v{spec.version}" + ("" if web else " (no web process)"))
         self._drain(old)
 
@@ -104,6 +108,7 @@ class Rollout:
         stale = [i for i in instances if i.version != version]
         self.router.set_app(app, hostnames, [("127.0.0.1", i.port) for i in current if i.process_type == "web"])
         self._live[app] = version
+        self._current[app] = {i.directory for i in current}
         self._drain(stale)
         return True
 
@@ -117,7 +122,16 @@ class Rollout:
     async def stop_app(self, app: str) -> None:
         self.router.remove_app(app)
         self._live.pop(app, None)
+        self._current.pop(app, None)
         await asyncio.gather(*(self.scheduler.stop(i) for i in self.scheduler.instances(app)), return_exceptions=True)
 
     def processes(self, app: str) -> list[dict]:
-        return [i.record() for i in self.scheduler.instances(app)]
+        """The live rollout's processes first; older ones still stopping show as draining."""
+        current = self._current.get(app, set())
+        records = []
+        for instance in self.scheduler.instances(app):
+            record = instance.record()
+            if instance.directory not in current and record["state"] != "stopped":
+                record["state"] = "draining"
+            records.append((instance.directory not in current, record))
+        return [record for _, record in sorted(records, key=lambda pair: pair[0])]

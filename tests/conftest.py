@@ -172,30 +172,7 @@ def launch(daemon: Daemon) -> Daemon:
 
 def stop_app_processes(data: Path) -> None:
     """App processes outlive the daemon by design; a test stops the ones its daemon started."""
-    marker = str(data).encode()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGTERM)
-        except (OSError, ValueError):
-            continue
-    for _ in range(100):
-        alive = [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, marker)]
-        if not alive:
-            return
-        time.sleep(0.1)
-    for proc in alive:
-        try:
-            os.kill(int(proc.name), signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _cmdline_has(proc: Path, marker: bytes) -> bool:
-    try:
-        return marker in (proc / "cmdline").read_bytes()
-    except OSError:
-        return False
+    devflow("stop-apps", "--data-dir", str(data))
 
 
 def stop_daemon(daemon: Daemon, stop_apps: bool = True) -> int:

@@ -246,3 +246,48 @@ def test_daemon_restart_keeps_apps_serving(tmp_path: Path) -> None:
         assert get(daemon, "keep").text == "stdlib v1"
     finally:
         stop_daemon(daemon)
+
+
+@pytest.mark.parametrize("fixture, expected, reused", [
+    ("flask", "flask", "Reusing the Python environment"),
+    ("node", "node", "Reusing node_modules"),
+    ("static", "static", None),
+])
+def test_language_fixtures_deploy_and_reuse_dependencies(live: Daemon, fixture: str, expected: str,
+                                                         reused: str | None) -> None:
+    name = f"lang-{fixture}"
+    repo = app_repo(live, fixture, name)
+    first = push(live, repo, name)
+    assert "is live at" in first.stderr
+    assert expected in get(live, name).text.lower()
+    commit(repo, "redeploy", allow_empty=True)
+    second = push(live, repo, name)
+    if reused:
+        assert reused in second.stderr
+    assert expected in get(live, name).text.lower()
+
+
+def test_resource_limits_apply_to_the_processes(live: Daemon) -> None:
+    repo = app_repo(live, "stdlib", "limited")
+    push(live, repo, "limited")
+    result = live.ssh("resources:set", "limited", "memory=96M", "cpu=0.5")
+    assert result.returncode == 0, result.stderr
+    shown = live.ssh("resources", "limited", "--json").stdout
+    assert '"memory": 100663296' in shown and '"cpu": 0.5' in shown
+    process = live.api().get("apps/limited/processes").json()[0]
+    assert process["memory"] == "96M" and process["cpu"] == 0.5
+    pid = process["pid"]
+    cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+    if "devflow" in cgroups:
+        memory = next(line.split(":", 2)[2] for line in cgroups.splitlines() if ":memory:" in line or line.startswith("0::"))
+        base = Path("/sys/fs/cgroup") / ("memory" if ":memory:" in cgroups else "") / memory.lstrip("/")
+        limit = base / ("memory.limit_in_bytes" if ":memory:" in cgroups else "memory.max")
+        assert limit.read_text().strip() == str(96 * 1024**2)
+    else:  # cgroups not writable on this machine: the rlimit fallback
+        assert str(96 * 1024**2) in Path(f"/proc/{pid}/limits").read_text()
+    assert get(live, "limited").text == "stdlib v1"
+    for bad in ("memory=lots", "cpu=-1", "disk=1G"):
+        assert live.ssh("resources:set", "limited", bad).returncode != 0
+    assert live.ssh("resources:clear", "limited").returncode == 0
+    live_processes = [p for p in live.api().get("apps/limited/processes").json() if p["state"] != "draining"]
+    assert [p["memory"] for p in live_processes] == [None]

@@ -119,13 +119,15 @@ def test_push_and_clone_over_ssh_and_http(daemon: Daemon) -> None:
 def test_clone_fetch_push_with_each_remote_form(daemon: Daemon, form: str) -> None:
     """The README's remote forms all reach the same repository, with and without `.git`."""
     app = f"form-{form}"
-    config = daemon.work / "ssh_config"
-    config.write_text(
-        f"Host devflow-test\n  HostName 127.0.0.1\n  Port {daemon.ssh_port}\n  User git\n"
-        f"  IdentityFile {daemon.admin_key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
-        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
-    )
-    env = {"GIT_SSH_COMMAND": f"ssh -F {config}"} if form == "ssh-config-alias" else {}
+    env: dict[str, str] = {}  # the daemon's GIT_SSH_COMMAND passes -p PORT for the other SSH forms
+    if form == "ssh-config-alias":
+        config = daemon.work / "ssh_config"
+        config.write_text(
+            f"Host devflow-test\n  HostName 127.0.0.1\n  Port {daemon.ssh_port}\n  User git\n"
+            f"  IdentityFile {daemon.admin_key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
+        )
+        env = {"GIT_SSH_COMMAND": f"ssh -F {config}"}
     url = REMOTE_FORMS[form].format(ssh=daemon.ssh_url, http=daemon.http_url(), app=app)
     src = source_repo(daemon.work / app / "src", {"app.py": "print('hi')\n"})
 
@@ -184,25 +186,37 @@ def test_protocol_v2_clone_and_fetch(daemon: Daemon, transport: str) -> None:
     daemon.fsck(app)
 
 
+def shallow_source(daemon: Daemon, app: str, url: str) -> Path:
+    """A repository of four commits, pushed: shallow clones of it can be told apart by depth."""
+    src = source_repo(daemon.work / app / "src", {"n.txt": "0\n"})
+    for n in range(1, 4):
+        (src / "n.txt").write_text(f"{n}\n")
+        commit(src, f"commit {n}")
+    daemon.git("push", "-q", url, "trunk", cwd=src)
+    return src
+
+
+def depth(daemon: Daemon, clone: Path) -> int:
+    return int(daemon.git("rev-list", "--count", "HEAD", cwd=clone).stdout)
+
+
+def is_shallow(daemon: Daemon, clone: Path) -> bool:
+    return daemon.git("rev-parse", "--is-shallow-repository", cwd=clone).stdout.strip() == "true"
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_shallow_clone_deepen_and_unshallow(daemon: Daemon, transport: str) -> None:
-    """--depth 1 gets one commit; deepening, a fetch of new work and --unshallow extend it.
+    """--depth 1 gets one commit; deepening and --unshallow fetch the rest.
 
     dulwich lacks `deepen-relative`, so `--deepen` is refused there (by the client, cleanly) and
     `--depth 2` deepens instead.
     """
     app = f"shallow-{transport}"
     url = remote(daemon, app, transport)
-    src = source_repo(daemon.work / app / "src", {"n.txt": "0\n"})
-    for n in range(1, 4):
-        (src / "n.txt").write_text(f"{n}\n")
-        commit(src, f"commit {n}")
-    daemon.git("push", "-q", url, "trunk", cwd=src)
-
+    shallow_source(daemon, app, url)
     clone = daemon.work / app / "clone"
     daemon.git("clone", "-q", "--depth", "1", url, str(clone))
-    assert daemon.git("rev-parse", "--is-shallow-repository", cwd=clone).stdout.strip() == "true"
-    assert daemon.git("rev-list", "--count", "HEAD", cwd=clone).stdout.strip() == "1"
+    assert is_shallow(daemon, clone) and depth(daemon, clone) == 1
     assert (clone / "n.txt").read_text() == "3\n"
 
     deepen = daemon.git("fetch", "-q", "--deepen", "1", cwd=clone, check=False)
@@ -211,18 +225,34 @@ def test_shallow_clone_deepen_and_unshallow(daemon: Daemon, transport: str) -> N
     else:
         assert deepen.returncode != 0 and "Server does not support --deepen" in deepen.stderr
         daemon.git("fetch", "-q", "--depth", "2", cwd=clone)
-    assert daemon.git("rev-list", "--count", "HEAD", cwd=clone).stdout.strip() == "2"
+    assert is_shallow(daemon, clone) and depth(daemon, clone) == 2
+
+    daemon.git("fetch", "-q", "--unshallow", cwd=clone)
+    assert not is_shallow(daemon, clone) and depth(daemon, clone) == 4
+    daemon.git("fsck", "--no-progress", "--strict", cwd=clone)
+    daemon.fsck(app)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_fetch_new_work_into_a_shallow_clone(daemon: Daemon, transport: str, request: pytest.FixtureRequest) -> None:
+    """A plain `git pull` in a shallow clone (how CI jobs work) gets the new commits and stays shallow."""
+    if daemon.backend == "dulwich":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+            "dulwich's upload-pack expects `deepen` after the client's `shallow` lines and fails on the "
+            "flush a plain fetch from a shallow clone sends (UnexpectedCommandError)")))
+    app = f"shallow-fetch-{transport}"
+    url = remote(daemon, app, transport)
+    src = shallow_source(daemon, app, url)
+    clone = daemon.work / app / "clone"
+    daemon.git("clone", "-q", "--depth", "1", url, str(clone))
 
     (src / "n.txt").write_text("4\n")
     newest = commit(src, "commit 4")
     daemon.git("push", "-q", url, "trunk", cwd=src)
-    daemon.git("pull", "-q", "--ff-only", cwd=clone)
-    assert rev(daemon, clone) == newest
-    assert daemon.git("rev-parse", "--is-shallow-repository", cwd=clone).stdout.strip() == "true"
-
-    daemon.git("fetch", "-q", "--unshallow", cwd=clone)
-    assert daemon.git("rev-parse", "--is-shallow-repository", cwd=clone).stdout.strip() == "false"
-    assert daemon.git("rev-list", "--count", "HEAD", cwd=clone).stdout.strip() == "5"
+    pull = daemon.git("pull", "-q", "--ff-only", cwd=clone, check=False)
+    assert pull.returncode == 0, pull.stderr
+    assert rev(daemon, clone) == newest and (clone / "n.txt").read_text() == "4\n"
+    assert is_shallow(daemon, clone) and depth(daemon, clone) == 2
     daemon.git("fsck", "--no-progress", "--strict", cwd=clone)
     daemon.fsck(app)
 

@@ -115,6 +115,15 @@ class ApiClient:
     def logs(self, app: str, tail: int = 100, process: str | None = None) -> list[str]:
         return self._call("GET", self._app(app, "/logs"), params={"tail": tail, "process": process})
 
+    def resources(self, app: str) -> dict:
+        return self._call("GET", self._app(app, "/resources"))
+
+    def resources_set(self, app: str, pairs: list[str]) -> dict:
+        return self._call("PUT", self._app(app, "/resources"), {"set": pairs})
+
+    def resources_clear(self, app: str) -> dict:
+        return self._call("DELETE", self._app(app, "/resources"))
+
     def domains_list(self, app: str) -> list[dict]:
         return self._call("GET", self._app(app, "/domains"))
 

@@ -21,6 +21,7 @@ from dulwich.protocol import (
     SIDE_BAND_CHANNEL_PROGRESS,
     ReceivableProtocol,
 )
+from dulwich.errors import GitProtocolError
 from dulwich.repo import Repo
 from dulwich.server import DictBackend, ReceivePackHandler, UploadPackHandler
 
@@ -131,7 +132,15 @@ def main() -> int:
     handler_cls = FullCloneUploadPackHandler if args.service == "upload-pack" else GatedReceivePackHandler
     GatedReceivePackHandler.max_input_size = args.max_input_size or None
     handler = handler_cls(backend, ["/"], proto, stateless_rpc=args.stateless_rpc, advertise_refs=args.advertise_refs)
-    handler.handle()
+    try:
+        handler.handle()
+    except GitProtocolError as exc:
+        # The client hung up or said something dulwich does not take: the client's user (over
+        # SSH this stderr is theirs) gets one line, not a traceback.
+        sys.stderr.write(f"error: {args.service}: {exc}\n")
+        return 1
+    finally:
+        repo.close()
     return 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.local.app_user import AppUser
+from runtime.local.cgroups import Cgroups, Limits
 from runtime.process_logs import ProcessLogs
 
 SUPERVISOR = "runtime.local.supervisor"
@@ -22,6 +23,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+def _size(memory: int | None) -> str | None:
+    return f"{memory // 1024**2}M" if memory else None
+
 
 def _kill_quietly(supervisor_pid: int, child_pid: int | None) -> None:
     """Last resort for a supervisor that ignored SIGTERM: it and its child's process group."""
@@ -45,6 +50,10 @@ class Instance:
     def name(self) -> str:
         return f"{self.process_type}.{self.index}"
 
+    @property
+    def cgroup(self) -> str:
+        return f"{self.app}.{self.directory.name}"
+
     def status(self) -> dict:
         try:
             return json.loads((self.directory / "status.json").read_text())
@@ -65,6 +74,7 @@ class Instance:
     def record(self) -> dict:
         status = self.status()
         return {"process": self.name, "release": f"v{self.version}", "port": self.port,
+                "memory": _size(status.get("limits", {}).get("memory")), "cpu": status.get("limits", {}).get("cpu"),
                 "state": status.get("state") if self.alive() else "stopped",
                 "restarts": status.get("restarts", 0), "pid": status.get("child_pid")}
 
@@ -72,23 +82,28 @@ class LocalScheduler:
     name = "local"
 
     def __init__(self, run_root: Path, logs: ProcessLogs, user: AppUser | None = None,
-                 rlimits: dict[str, int] | None = None, stop_timeout: int = 10) -> None:
+                 cgroups: Cgroups | None = None, stop_timeout: int = 10) -> None:
         self.run_root = run_root
         self.logs = logs
         self.user = user
-        self.rlimits = rlimits or {"RLIMIT_NOFILE": 65536}
+        self.cgroups = cgroups
         self.stop_timeout = stop_timeout
 
     async def start(self, app: str, version: int, process_type: str, index: int, command: str, cwd: Path,
-                    env: dict[str, str], port: int) -> Instance:
+                    env: dict[str, str], port: int, limits: Limits = Limits()) -> Instance:
         directory = self.run_root / app / f"v{version}-{process_type}.{index}-{secrets.token_hex(3)}"
         directory.mkdir(parents=True)
         instance = Instance(app, version, process_type, index, port, directory)
+        rlimits = {"RLIMIT_NOFILE": 65536}
+        cgroup_procs = self.cgroups.create(instance.cgroup, limits) if self.cgroups else []
+        if limits.memory and not cgroup_procs:
+            rlimits["RLIMIT_DATA"] = limits.memory
         spec = {
             "app": app, "version": version, "process_type": process_type, "index": index, "port": port,
             "name": instance.name, "command": command, "cwd": str(cwd), "env": env,
             "log": str(self.logs.path(app)), "status": str(directory / "status.json"),
-            "user": self.user.name if self.user else None, "rlimits": self.rlimits, "stop_timeout": self.stop_timeout,
+            "user": self.user.name if self.user else None, "rlimits": rlimits, "cgroup_procs": cgroup_procs,
+            "limits": limits.as_dict(), "stop_timeout": self.stop_timeout,
         }
         (directory / "spec.json").write_text(json.dumps(spec))
         # No pipes: the supervisor outlives this call, and a pipe it inherited would never reach EOF.
@@ -115,6 +130,8 @@ class LocalScheduler:
                 await asyncio.sleep(0.1)
             else:
                 _kill_quietly(pid, instance.status().get("child_pid"))
+        if self.cgroups:
+            self.cgroups.remove(instance.cgroup)
         for path in instance.directory.iterdir():
             path.unlink()
         instance.directory.rmdir()
@@ -131,6 +148,9 @@ class LocalScheduler:
                 found.append(Instance(spec["app"], spec["version"], spec["process_type"], spec["index"],
                                       spec["port"], spec_path.parent))
         return found
+
+    def limits_enforcement(self) -> str:
+        return self.cgroups.describe() if self.cgroups else "rlimits (memory only)"
 
     def base_env(self) -> dict[str, str]:
         """What every build and process starts from: the host's PATH as the app user can use it."""

@@ -41,7 +41,7 @@ class Supervisor:
         self.stopping = False
         self.child: subprocess.Popen | None = None
         self.state = {"supervisor_pid": os.getpid(), "child_pid": None, "state": "starting", "restarts": 0,
-                      "last_exit": None, "started_at": None}
+                      "last_exit": None, "started_at": None, "limits": spec.get("limits", {})}
 
     def write_status(self, **changes) -> None:
         self.state.update(changes)
@@ -58,6 +58,9 @@ class Supervisor:
 
     def _preexec(self) -> None:
         os.setpgrp()
+        for procs in self.spec.get("cgroup_procs", []):
+            with open(procs, "w") as cgroup:
+                cgroup.write(str(os.getpid()))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         for name, value in self.spec.get("rlimits", {}).items():
             kind = getattr(resource, name)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -137,11 +138,19 @@ def devflow_daemon(data: Path, admin_key: Path) -> Iterator[DevflowServer]:
     created = run_quiet([*DEVFLOW, "tokens", "create", "--user", "admin", "--json", "--data-dir", str(data)], **cwd)
     token = json.loads(created.stdout)["token"]
     ssh_port, http_port, router_port = free_port(), free_port(), free_port()
+    # Builds must be reachable by the app user (nobody, when root runs this); temp dirs are private.
+    apps = Path(tempfile.mkdtemp(prefix="devflow-bench-apps-"))
+    apps.chmod(0o711)
     argv = [*DEVFLOW, "up", "--data-dir", str(data), "--host", HOST, "--ssh-port", str(ssh_port),
-            "--http-port", str(http_port), "--router-port", str(router_port)]
-    with server("devflow up", argv, data.parent / "devflow.log", ssh_port) as process:
-        _wait_for_health(f"http://{HOST}:{http_port}/healthz", process)
-        yield DevflowServer(data, ssh_port, http_port, router_port, token, process)
+            "--http-port", str(http_port), "--router-port", str(router_port), "--apps-dir", str(apps)]
+    try:
+        with server("devflow up", argv, data.parent / "devflow.log", ssh_port) as process:
+            _wait_for_health(f"http://{HOST}:{http_port}/healthz", process)
+            yield DevflowServer(data, ssh_port, http_port, router_port, token, process)
+    finally:
+        # App processes outlive the daemon by design; the benchmark's must not outlive the benchmark.
+        subprocess.run([*DEVFLOW, "stop-apps", "--data-dir", str(data)], capture_output=True, cwd=ROOT)
+        shutil.rmtree(apps, ignore_errors=True)
 
 
 def _wait_for_health(url: str, process: ServerProcess) -> None:

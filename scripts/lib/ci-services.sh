@@ -1,12 +1,21 @@
-# Sourced by scripts/test under CI=true: the system packages the integration tests drive.
-CI_PACKAGES=(git openssh-client)
+# Sourced by scripts/test under CI=true: the system tools the integration tests drive.
+# Each entry is "how to tell it is there|the Debian package that provides it".
+CI_TOOLS=(
+  "command -v git|git"
+  "command -v ssh|openssh-client"
+  "command -v ssh-keygen|openssh-client"
+  "command -v node|nodejs"
+  "command -v npm|npm"
+  "/usr/bin/python3 -c 'import ensurepip'|python3-venv"
+)
 
 install_ci_packages() {
-  local missing=() pkg
-  for pkg in "${CI_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  local missing=() entry
+  for entry in "${CI_TOOLS[@]}"; do
+    bash -c "${entry%%|*}" >/dev/null 2>&1 || missing+=("${entry##*|}")
   done
   if [ ${#missing[@]} -gt 0 ]; then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     echo "CI: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2

@@ -6,7 +6,7 @@ VENV=${DEVFLOW_VENV:-$ROOT/.venv}
 ensure_venv() {
   local extras=${1:-} python stamp want
   for python in python3.13 python3.12 python3.11 python3; do
-    command -v "$python" >/dev/null && "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' && break
+    command -v "$python" >/dev/null && "$python" 2>/dev/null -c 'import sys; sys.exit(sys.version_info < (3, 11))' && break
     python=""
   done
   [ -n "$python" ] || { echo "DevFlow needs Python 3.11 or newer" >&2; exit 1; }
