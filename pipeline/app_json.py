@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.health import Check as HealthCheck
+
 CHECK_TYPES = ("startup", "liveness", "readiness")
 # Dokku check kinds the runtime cannot run; accepting them would pass checks that never ran.
 UNSUPPORTED_CHECK_KEYS = ("command", "uptime", "listening")
@@ -20,20 +22,6 @@ PROCESS_TYPE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 class AppJsonError(ValueError):
     """app.json is not valid JSON or a key has the wrong shape; the message names the key path."""
-
-
-@dataclass(frozen=True)
-class HealthCheck:
-    """One Dokku healthcheck (an HTTP GET of `path` on the process's $PORT); defaults are Dokku's."""
-
-    type: str = "startup"
-    name: str = ""
-    path: str = "/"
-    content: str | None = None
-    attempts: int = 3
-    timeout: float = 5
-    wait: float = 5
-    initial_delay: float = 0
 
 
 @dataclass(frozen=True)

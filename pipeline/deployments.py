@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from pipeline.app_json import AppJson
 from pipeline.builders import Builder, BuildError
 from pipeline.config_vars import ConfigVars
 from pipeline.deploy_settings import DeploySettings
-from pipeline.detect import DetectError, Detection, detect
+from pipeline.detect import DetectError, detect
 from pipeline.errors import DeployFailed, PipelineInputError
 from pipeline.release_ledger import ReleaseLedger, ReleaseRecord
 from pipeline.schema import Deployment
@@ -331,11 +331,7 @@ class Deployments:
 def _app_json_dict(app_json: AppJson) -> dict:
     """The parts of app.json a release keeps, as plain JSON."""
     return {
-        "healthchecks": {
-            kind: [{"name": c.name, "path": c.path, "content": c.content, "attempts": c.attempts,
-                    "timeout": c.timeout, "wait": c.wait, "initial_delay": c.initial_delay} for c in checks]
-            for kind, checks in app_json.healthchecks.items()
-        },
+        "healthchecks": {kind: [asdict(c) for c in checks] for kind, checks in app_json.healthchecks.items()},
         "predeploy": app_json.predeploy,
         "postdeploy": app_json.postdeploy,
         "formation": dict(app_json.formation),

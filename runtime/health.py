@@ -17,13 +17,16 @@ POLL = 0.05
 
 @dataclass(frozen=True)
 class Check:
-    name: str
+    """One Dokku healthcheck (an HTTP GET of `path` on the process's $PORT); defaults are Dokku's."""
+
+    type: str = "startup"
+    name: str = ""
     path: str = "/"
     content: str | None = None
-    attempts: int = 5
-    timeout: float = 5.0
-    wait: float = 1.0
-    initial_delay: float = 0.0
+    attempts: int = 3
+    timeout: float = 5
+    wait: float = 5
+    initial_delay: float = 0
 
 
 class HealthCheckFailed(Exception):
@@ -56,7 +59,7 @@ async def wait_healthy(instance: Instance, checks: list[Check], say: Callable[[s
         for _ in range(int(DEFAULT_STARTUP_SECONDS / POLL)):
             if _crashed(instance):
                 raise HealthCheckFailed(f"{instance.name} exited before answering on port {instance.port}")
-            if await _probe(client, instance, Check("listening", timeout=2.0)) is None:
+            if await _probe(client, instance, Check(name="listening", timeout=2.0)) is None:
                 break
             await asyncio.sleep(POLL)
         else:

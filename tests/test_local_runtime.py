@@ -63,7 +63,7 @@ def wait_for(predicate, attempts: int = 200, delay: float = 0.05) -> bool:
 
 def test_process_serves_and_logs_with_names(scheduler: LocalScheduler, tmp_path: Path) -> None:
     instance = start(scheduler, tmp_path, BODY="hello")
-    asyncio.run(wait_healthy(instance, [Check("body", content="hello", attempts=3, wait=0.1)], lambda line: None))
+    asyncio.run(wait_healthy(instance, [Check(name="body", content="hello", attempts=3, wait=0.1)], lambda line: None))
     assert httpx.get(f"http://127.0.0.1:{instance.port}/x").text == "hello"
     assert wait_for(lambda: any("web.1 | request /x" in line for line in scheduler.logs.tail("demo")))
     assert instance.record()["state"] == "running"
@@ -99,7 +99,7 @@ def test_wrong_content_fails_the_check(scheduler: LocalScheduler, tmp_path: Path
     instance = start(scheduler, tmp_path, BODY="sick")
     lines: list[str] = []
     with pytest.raises(HealthCheckFailed, match="does not contain 'well'"):
-        asyncio.run(wait_healthy(instance, [Check("body", content="well", attempts=2, wait=0.05)], lines.append))
+        asyncio.run(wait_healthy(instance, [Check(name="body", content="well", attempts=2, wait=0.05)], lines.append))
     assert len([line for line in lines if "attempt" in line]) == 2
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from gitd.git.pack_backend import PackLimits, Service
+from gitd.git.pack_backend import PackLimits, Service, service_argv
 from gitd.git.pack_process import clean_env
 
 
@@ -31,12 +31,7 @@ class CGitBackend:
         return [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
 
     def command(self, service: Service, repo: Path, *, stateless: bool, advertise: bool) -> list[str]:
-        argv = [self.git, *self._config(), service]
-        if stateless:
-            argv.append("--stateless-rpc")
-        if advertise:
-            argv.append("--advertise-refs")
-        return [*argv, str(repo)]
+        return service_argv([self.git, *self._config(), service], repo, stateless=stateless, advertise=advertise)
 
     async def is_ancestor(self, repo: Path, old: str, new: str, object_env: dict[str, str]) -> bool:
         env = clean_env({**object_env, "GIT_DIR": str(repo)})

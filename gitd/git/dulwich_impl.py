@@ -13,7 +13,7 @@ from pathlib import Path
 from dulwich.graph import can_fast_forward
 from dulwich.repo import Repo
 
-from gitd.git.pack_backend import PackLimits, Service
+from gitd.git.pack_backend import PackLimits, Service, service_argv
 
 
 def _can_fast_forward(repo: Path, old: str, new: str) -> bool:
@@ -32,13 +32,9 @@ class DulwichBackend:
         self.limits = limits
 
     def command(self, service: Service, repo: Path, *, stateless: bool, advertise: bool) -> list[str]:
-        argv = [sys.executable, "-m", "gitd.git.dulwich_service", service,
-                "--max-input-size", str(self.limits.max_push_bytes)]
-        if stateless:
-            argv.append("--stateless-rpc")
-        if advertise:
-            argv.append("--advertise-refs")
-        return [*argv, str(repo)]
+        program = [sys.executable, "-m", "gitd.git.dulwich_service", service,
+                   "--max-input-size", str(self.limits.max_push_bytes)]
+        return service_argv(program, repo, stateless=stateless, advertise=advertise)
 
     async def is_ancestor(self, repo: Path, old: str, new: str, object_env: dict[str, str]) -> bool:
         # dulwich writes pushed objects straight into the repository: no quarantine to add.

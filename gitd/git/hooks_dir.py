@@ -6,15 +6,19 @@ import shlex
 import sys
 from pathlib import Path
 
+from gitd.git import hook_client
+
 HOOKS = ("pre-receive",)
 
 
 def write_hooks(directory: Path) -> Path:
-    """Point the hooks at this daemon's interpreter, so they find the gitd package."""
+    """Hooks run hook_client.py with this daemon's interpreter; it needs only the standard
+    library, so `-I -S` skips site-packages and saves ~50 ms per push."""
     directory.mkdir(parents=True, exist_ok=True)
     for hook in HOOKS:
         path = directory / hook
-        script = f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m gitd.git.hook_client {hook}\n"
+        command = shlex.join([sys.executable, "-I", "-S", hook_client.__file__, hook])
+        script = f"#!/bin/sh\nexec {command}\n"
         if not path.exists() or path.read_text() != script:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(script)

@@ -33,6 +33,12 @@ class PackBackend(Protocol):
         ...
 
 
+def service_argv(program: list[str], repo: Path, *, stateless: bool, advertise: bool) -> list[str]:
+    """The flags both pack programs share, C git's spelling."""
+    flags = ["--stateless-rpc"] * stateless + ["--advertise-refs"] * advertise
+    return [*program, *flags, str(repo)]
+
+
 def choose_backend(setting: str, limits: PackLimits) -> PackBackend:
     from gitd.git.cgit_impl import CGitBackend
     from gitd.git.dulwich_impl import DulwichBackend

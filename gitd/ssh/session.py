@@ -13,7 +13,6 @@ from gitd.commands import table
 from gitd.errors import DevflowError
 from gitd.git.git_service import GitService
 from gitd.identity.roles import Actor
-from gitd.management import Management
 
 log = logging.getLogger(__name__)
 

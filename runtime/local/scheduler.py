@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -32,10 +33,8 @@ def _kill_quietly(supervisor_pid: int, child_pid: int | None) -> None:
     """Last resort for a supervisor that ignored SIGTERM: it and its child's process group."""
     for kill, pid in ((os.kill, supervisor_pid), (os.killpg, child_pid)):
         if pid:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 @dataclass(frozen=True)
 class Instance:
@@ -90,10 +89,11 @@ class LocalScheduler:
         self.stop_timeout = stop_timeout
 
     async def start(self, app: str, version: int, process_type: str, index: int, command: str, cwd: Path,
-                    env: dict[str, str], port: int, limits: Limits = Limits()) -> Instance:
+                    env: dict[str, str], port: int, limits: Limits | None = None) -> Instance:
         directory = self.run_root / app / f"v{version}-{process_type}.{index}-{secrets.token_hex(3)}"
         directory.mkdir(parents=True)
         instance = Instance(app, version, process_type, index, port, directory)
+        limits = limits or Limits()
         rlimits = {"RLIMIT_NOFILE": 65536}
         cgroup_procs = self.cgroups.create(instance.cgroup, limits) if self.cgroups else []
         if limits.memory and not cgroup_procs:

@@ -8,6 +8,7 @@ keep serving while the daemon restarts; the new daemon re-adopts them from their
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -89,10 +90,8 @@ class Supervisor:
     def stop(self, *_: object) -> None:
         self.stopping = True
         if self.child and self.child.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
@@ -132,10 +131,8 @@ class Supervisor:
                 os.killpg(self.child.pid, signal.SIGKILL)
                 self.child.wait()
         if self.child is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.child.pid, signal.SIGKILL)  # leftovers of the process group
-            except ProcessLookupError:
-                pass
         self.write_status(state="stopped", child_pid=None)
         return 0
 

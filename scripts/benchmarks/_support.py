@@ -46,8 +46,8 @@ def find_program(name: str, hint: str, extra_dirs: Sequence[str] = ()) -> str:
 
 
 def redact(text: str) -> str:
-    """Drop the user:token part of URLs, so error messages can be shown and pasted."""
-    return re.sub(r"://[^/@\s]+@", "://", text)
+    """Hide the token in user:token@ URLs, so error messages can be shown and pasted."""
+    return re.sub(r"(://[^/@:\s]+):[^/@\s]+@", r"\1:***@", text)
 
 
 def run_quiet(argv: Sequence[str], *, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

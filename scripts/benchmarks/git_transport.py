@@ -223,7 +223,7 @@ def _ensure_privsep_dir(tools: Tools, config: Path) -> None:
 
 @contextmanager
 def sshd(tools: Tools, work: Path, client_key: Path) -> Iterator[int]:
-    """OpenSSH's sshd on a free loopback port, running git-shell for the current user's key only."""
+    """OpenSSH's sshd on a free loopback port: the current user, the benchmark's client key, git-shell only."""
     port = free_port()
     host_key = keygen(work / "sshd_host_key")
     authorized = work / "authorized_keys"
@@ -408,7 +408,9 @@ def measure(runs: int, cache_dir: Path) -> list[Comparison]:
     history = ensure_history(cache_dir)
     git_version = run_quiet([tools.git, "--version"]).stdout.decode().strip()
     print(f"history: {history.objects} objects, {history.pack_bytes / 2**20:.1f} MiB of packs ({history.path})")
-    print(f"client and servers: {git_version}, {os.cpu_count()} CPUs; {runs} runs after a warm-up")
+    load = " ".join(f"{n:.1f}" for n in os.getloadavg())
+    print(f"client and servers: {git_version}, {os.cpu_count()} CPUs, load average {load}; "
+          f"{runs} runs after a warm-up", flush=True)
     with tempfile.TemporaryDirectory(prefix="devflow-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         key = keygen(work / "client_key")
@@ -491,7 +493,7 @@ def default_cache_dir() -> Path:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench git", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement, median reported (default 3)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement, median reported (default 5)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="where the generated history is kept between runs (default %(default)s)")
     args = parser.parse_args(argv)
