@@ -40,7 +40,8 @@ class Repositories:
     def point_head_at_existing_branch(self, app: str) -> None:
         """After a push, make HEAD name a branch that exists, so clones check something out.
 
-        Like GitHub: the first branch pushed to an empty repository becomes its default.
+        Like GitHub, a branch pushed to an empty repository becomes its default: main, else master,
+        else (several branches in one push) the alphabetically first.
         """
         with Repo(str(self.path(app))) as repo:
             refs = repo.refs

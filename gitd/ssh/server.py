@@ -14,7 +14,7 @@ from gitd.ssh.session import SessionHandler
 
 log = logging.getLogger(__name__)
 
-WINDOW = 8 * 1024 * 1024
+WINDOW = 2 * 1024 * 1024  # per channel: what one push may have in flight in the daemon
 MAX_PACKET = 256 * 1024
 
 
