@@ -129,6 +129,10 @@ class DeployManagement:
                                                                         self.actor.name, say))
         return {"release": f"v{record.version}" if record else None, "rolled_back_to": version, "output": lines}
 
+    def deployments_list(self, app: str) -> list[dict]:
+        self.apps.authorize(self.actor, app, Role.READ)
+        return self.deploys.deployments.history(app)
+
     # processes
 
     def ps(self, app: str) -> list[dict]:

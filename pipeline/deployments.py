@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.app_json import AppJson
@@ -99,6 +100,15 @@ class Deployments:
         path = self.workspace / app / "logs" / f"deploy-{deployment_id}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def history(self, app: str, limit: int = 20) -> list[dict]:
+        with self.sessions() as db:
+            rows = db.scalars(select(Deployment).where(Deployment.app == app)
+                              .order_by(Deployment.id.desc()).limit(limit))
+            return [{"id": r.id, "commit": r.commit[:12], "user": r.user, "state": r.state, "stage": r.stage,
+                     "release": f"v{r.release_version}" if r.release_version else None,
+                     "seconds": round(sum(r.timings.values()), 2) if r.timings else None, "timings": r.timings,
+                     "error": r.error, "created_at": r.created_at.isoformat(timespec="seconds")} for r in rows]
 
     # pushes
 

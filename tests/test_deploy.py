@@ -291,3 +291,29 @@ def test_resource_limits_apply_to_the_processes(live: Daemon) -> None:
     assert live.ssh("resources:clear", "limited").returncode == 0
     live_processes = [p for p in live.api().get("apps/limited/processes").json() if p["state"] != "draining"]
     assert [p["memory"] for p in live_processes] == [None]
+
+
+def test_newer_push_supersedes_a_queued_one(live: Daemon) -> None:
+    """A slow deploy runs; of two detached pushes queued behind it, only the newest deploys."""
+    repo = app_repo(live, "stdlib", "queue")
+    (repo / "Procfile").write_text("web: python3 app.py\nrelease: sleep 5\n")
+    commit(repo, "slow release phase")
+    push(live, repo, "queue", "-o", "detach")
+    for _ in range(100):  # until the first deployment holds the app (it is past the export)
+        if live.api().get("apps/queue/deploys").json()[0]["state"] in ("building", "releasing"):
+            break
+        time.sleep(0.05)
+    for version in ("v2", "v3"):
+        (repo / "app.py").write_text((repo / "app.py").read_text().replace(
+            'VERSION = "v1"' if version == "v2" else 'VERSION = "v2"', f'VERSION = "{version}"'))
+        commit(repo, version)
+        push(live, repo, "queue", "-o", "detach")
+    for _ in range(300):
+        states = [d["state"] for d in live.api().get("apps/queue/deploys").json()]
+        if states[0] in ("live", "failed"):
+            break
+        time.sleep(0.1)
+    assert states == ["live", "cancelled", "live"], states
+    assert get(live, "queue").text == "stdlib v3"
+    listing = live.ssh("deploys", "queue").stdout
+    assert "cancelled" in listing and listing.count("live") == 2

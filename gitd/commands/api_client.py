@@ -97,6 +97,9 @@ class ApiClient:
     def rollback(self, app: str, version: str) -> dict:
         return self._call("POST", self._app(app, "/releases"), {"rollback": version})
 
+    def deployments_list(self, app: str) -> list[dict]:
+        return self._call("GET", self._app(app, "/deploys"))
+
     def ps(self, app: str) -> list[dict]:
         return self._call("GET", self._app(app, "/processes"))
 

@@ -119,6 +119,7 @@ def api_routes(directory: Directory, management_for: Callable[[Actor], Managemen
         Route("/api/apps/{app}/releases", endpoint(lambda m, r, b: m.releases(p(r, "app")))),
         Route("/api/apps/{app}/releases", endpoint(lambda m, r, b: m.rollback(p(r, "app"), _field(b, "rollback")),
                                                    201), methods=["POST"]),
+        Route("/api/apps/{app}/deploys", endpoint(lambda m, r, b: m.deployments_list(p(r, "app")))),
         Route("/api/apps/{app}/processes", endpoint(lambda m, r, b: m.ps(p(r, "app")))),
         Route("/api/apps/{app}/formation", endpoint(lambda m, r, b: m.ps_scale(p(r, "app"), _strings(b, "scale"))),
               methods=["PATCH"]),
