@@ -160,7 +160,7 @@ class DeployManagement:
 
     def ps_stop(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
-        self.deploys.run(self.deploys.rollout.stop_app(app))
+        self.deploys.run(self.deploys.deployments.stop(app))
         return {"stopped": app}
 
     def ps_start(self, app: str) -> dict:

@@ -23,7 +23,8 @@ class DeploySettings:
     def _row(self, db, app: str) -> AppDeploySettings:
         row = db.get(AppDeploySettings, app)
         if row is None:
-            row = AppDeploySettings(app=app, deploy_branch=None, formation={}, domains=[], resources={})
+            row = AppDeploySettings(app=app, deploy_branch=None, formation={}, domains=[], resources={},
+                                    stopped=False)
             db.add(row)
         return row
 
@@ -73,6 +74,15 @@ class DeploySettings:
         with self.sessions.begin() as db:
             self._row(db, app).resources = {} if limits.empty else limits.as_dict()
         return limits
+
+    def stopped(self, app: str) -> bool:
+        with self.sessions() as db:
+            row = db.get(AppDeploySettings, app)
+            return bool(row and row.stopped)
+
+    def set_stopped(self, app: str, stopped: bool) -> None:
+        with self.sessions.begin() as db:
+            self._row(db, app).stopped = stopped
 
     def domains(self, app: str) -> list[str]:
         with self.sessions() as db:

@@ -231,6 +231,7 @@ class Deployments:
         t = enter("health checks", "releasing") if enter else time.monotonic()
         await self.rollout.deploy(self._spec(app, version, cwd, processes, env, app_json),
                                   lambda line: emit(f"       {line}"))
+        self.settings.set_stopped(app, False)
         timings["health checks"] = round(time.monotonic() - t, 3)
         record = self.ledger.record(app=app, commit=commit, artifact=artifact, processes=processes,
                                     build_env=build_env, config=config, app_json=app_json, user=user, reason=reason,
@@ -280,7 +281,14 @@ class Deployments:
                                                      env, latest.app_json), say)
             except RolloutFailed as exc:
                 raise DeployFailed(exc.stage, exc.message) from None
+            self.settings.set_stopped(app, False)
             return latest
+
+    async def stop(self, app: str) -> None:
+        """ps:stop: the processes stop, and stay stopped across daemon restarts until ps:start or a deploy."""
+        async with self._lock(app):
+            self.settings.set_stopped(app, True)
+            await self.rollout.stop_app(app, self.hostnames(app))
 
     async def rollback(self, app: str, version: int, user: str, say: Say) -> ReleaseRecord | None:
         target = self.ledger.get(app, version)
@@ -293,6 +301,9 @@ class Deployments:
         for app in sorted(apps):
             latest = self.ledger.latest(app)
             if latest is None:
+                continue
+            if self.settings.stopped(app):
+                await self.rollout.stop_app(app, self.hostnames(app))
                 continue
             if self.rollout.adopt(app, latest.version, self.hostnames(app)):
                 log.info("re-adopted the running processes of %s v%s", app, latest.version)

@@ -20,6 +20,7 @@ class AppDeploySettings(Base):
     formation: Mapped[dict] = mapped_column(JSON, default=dict)  # process type -> count, set by ps:scale
     domains: Mapped[list] = mapped_column(JSON, default=list)
     resources: Mapped[dict] = mapped_column(JSON, default=dict)  # memory, cpu limits per process
+    stopped: Mapped[bool] = mapped_column(default=False)  # ps:stop; stays stopped across restarts
 
 
 class ConfigVar(Base):

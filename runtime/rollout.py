@@ -65,7 +65,9 @@ class Rollout:
             say("starting " + (", ".join(f"{k}={c}" for k, c in sorted(spec.formation.items())
                                          if c and k in spec.processes) or "no processes"))
             web = [i for i in started if i.process_type == "web"]
-            await asyncio.gather(*(wait_healthy(i, spec.healthchecks.get("web", []), say) for i in web))
+            # Web processes must answer HTTP; other types only when app.json gives them checks.
+            checked = [i for i in started if i.process_type == "web" or spec.healthchecks.get(i.process_type)]
+            await asyncio.gather(*(wait_healthy(i, spec.healthchecks.get(i.process_type, []), say) for i in checked))
             for instance in started:
                 if instance.status().get("state") == "crashed":
                     raise HealthCheckFailed(f"{instance.name} crashed at start")
@@ -119,8 +121,12 @@ class Rollout:
                if i.version == version and i.process_type == "web" and i.alive()]
         self.router.set_app(app, hostnames, [("127.0.0.1", i.port) for i in web])
 
-    async def stop_app(self, app: str) -> None:
-        self.router.remove_app(app)
+    async def stop_app(self, app: str, hostnames: Sequence[str] | None = None) -> None:
+        """Stop every process; with `hostnames` the app stays routed (503 until it runs again), else unrouted."""
+        if hostnames is None:
+            self.router.remove_app(app)
+        else:
+            self.router.set_app(app, hostnames, [])
         self._live.pop(app, None)
         self._current.pop(app, None)
         await asyncio.gather(*(self.scheduler.stop(i) for i in self.scheduler.instances(app)), return_exceptions=True)

@@ -244,6 +244,13 @@ def test_daemon_restart_keeps_apps_serving(tmp_path: Path) -> None:
         stop_app_processes(daemon.data)
         launch(daemon)  # as after a reboot: nothing runs, the last live release comes back
         assert get(daemon, "keep").text == "stdlib v1"
+        assert daemon.ssh("ps:stop", "keep").returncode == 0
+        assert get(daemon, "keep").status_code == 503
+        stop_daemon(daemon, stop_apps=False)
+        launch(daemon)  # a stopped app stays stopped
+        assert get(daemon, "keep").status_code == 503
+        assert daemon.ssh("ps:start", "keep").returncode == 0
+        assert get(daemon, "keep").text == "stdlib v1"
     finally:
         stop_daemon(daemon)
 

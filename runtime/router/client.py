@@ -352,7 +352,11 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         transport = self.transport
         if linger and transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # asyncio's transport raises when the client is gone already
+                transport.close()
+                return
             if self._paused:
                 self._paused = 0
                 transport.resume_reading()

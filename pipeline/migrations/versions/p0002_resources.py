@@ -1,4 +1,4 @@
-"""per-app resource limits
+"""per-app resource limits and the ps:stop state
 
 Revision ID: p0002
 Revises: p0001
@@ -16,8 +16,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("pipeline_apps") as batch_op:
         batch_op.add_column(sa.Column("resources", sa.JSON(), nullable=False, server_default="{}"))
+        batch_op.add_column(sa.Column("stopped", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("pipeline_apps") as batch_op:
+        batch_op.drop_column("stopped")
         batch_op.drop_column("resources")
