@@ -78,11 +78,12 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 def cmd_stop_apps(args: argparse.Namespace) -> int:
     import asyncio
 
+    from runtime.local.cgroups import Cgroups
     from runtime.local.scheduler import LocalScheduler
     from runtime.process_logs import ProcessLogs
 
     settings = _settings(args)
-    scheduler = LocalScheduler(settings.run_dir / "processes", ProcessLogs(settings.logs_dir))
+    scheduler = LocalScheduler(settings.run_dir / "processes", ProcessLogs(settings.logs_dir), cgroups=Cgroups())
     instances = [i for i in scheduler.instances() if i.alive()]
 
     async def stop_all() -> None:

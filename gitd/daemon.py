@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,10 @@ def hook_socket_path(settings: Settings) -> Path:
     digest = hashlib.sha256(str(settings.data_dir).encode()).hexdigest()[:12]
     short = Path(tempfile.gettempdir()) / f"devflow-{digest}"
     short.mkdir(mode=0o700, exist_ok=True)
+    info = short.lstat()
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o700:
+        # Someone else made it first: a socket there could answer our hooks. Use a fresh private one.
+        short = Path(tempfile.mkdtemp(prefix="devflow-"))
     return short / "hooks.sock"
 
 
@@ -133,7 +138,8 @@ class Daemon:
         deploy_settings = DeploySettings(sessions)
         self.deployments = Deployments(
             sessions, ReleaseLedger(sessions), ConfigVars(sessions), deploy_settings,
-            NativeBuilder(settings.extra_ca_certs, preexec=scheduler.preexec), self.rollout, scheduler, logs,
+            NativeBuilder(settings.extra_ca_certs, preexec=scheduler.preexec, hand_over=scheduler.hand_over),
+            self.rollout, scheduler, logs,
             self.apps_root, Platform(settings.domain, settings.router_port),
             max_builds=settings.max_concurrent_builds,
         )

@@ -202,7 +202,7 @@ class DeployManagement:
     def domains_add(self, app: str, domain: str) -> dict:
         self.apps.authorize(self.actor, app, Role.ADMIN)
         with pipeline_errors():
-            self.deploys.settings.add_domain(app, domain)
+            self.deploys.deployments.add_domain(app, domain)
         return self._reroute(app)
 
     def domains_remove(self, app: str, domain: str) -> dict:

@@ -47,6 +47,11 @@ class ConfigVars:
                 db.merge(ConfigVar(app=app, key=key, value=value))
         return self.get_all(app)
 
+    def replace(self, app: str, values: dict[str, str]) -> None:
+        with self.sessions.begin() as db:
+            db.execute(delete(ConfigVar).where(ConfigVar.app == app))
+            db.add_all(ConfigVar(app=app, key=k, value=v) for k, v in values.items())
+
     def unset(self, app: str, keys: list[str]) -> dict[str, str]:
         with self.sessions.begin() as db:
             db.execute(delete(ConfigVar).where(ConfigVar.app == app, ConfigVar.key.in_(keys)))

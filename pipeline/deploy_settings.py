@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.errors import PipelineInputError
@@ -98,6 +99,13 @@ class DeploySettings:
             if domain not in row.domains:
                 row.domains = [*row.domains, domain]
             return list(row.domains)
+
+    def domain_owner(self, domain: str) -> str | None:
+        with self.sessions() as db:
+            for row in db.scalars(select(AppDeploySettings)):
+                if domain in (row.domains or []):
+                    return row.app
+        return None
 
     def remove_domain(self, app: str, domain: str) -> list[str]:
         with self.sessions.begin() as db:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.app_json import AppJson
@@ -84,6 +84,16 @@ class Deployments:
             db.flush()
             return row.id
 
+    def _forget_deployments(self, app: str) -> None:
+        with self.sessions.begin() as db:
+            db.execute(delete(Deployment).where(Deployment.app == app))
+
+    def fail_interrupted(self) -> None:
+        """At start: deployments a previous daemon left unfinished did not go live."""
+        with self.sessions.begin() as db:
+            db.execute(update(Deployment).where(Deployment.state.in_(("queued", "building", "releasing")))
+                       .values(state="failed", error="the daemon stopped during this deployment", finished_at=now()))
+
     def _update(self, deployment_id: int, **changes) -> None:
         with self.sessions.begin() as db:
             row = db.get(Deployment, deployment_id)
@@ -92,6 +102,17 @@ class Deployments:
 
     def _lock(self, app: str) -> asyncio.Lock:
         return self._locks.setdefault(app, asyncio.Lock())
+
+    def add_domain(self, app: str, domain: str) -> list[str]:
+        """A custom name may not sit under the platform domain (that is another app's) nor be another app's."""
+        name = domain.strip().lower().rstrip(".")
+        if name.endswith(f".{self.platform.domain}") or name == self.platform.domain:
+            raise PipelineInputError(f"{name} is under the platform domain {self.platform.domain}; "
+                                     f"{app} already answers at {app}.{self.platform.domain}")
+        owner = self.settings.domain_owner(name)
+        if owner is not None and owner != app:
+            raise PipelineInputError(f"{name} is already a domain of another app")
+        return self.settings.add_domain(app, name)
 
     def hostnames(self, app: str) -> list[str]:
         return [f"{app}.{self.platform.domain}", *self.settings.domains(app)]
@@ -116,18 +137,19 @@ class Deployments:
                           detach: bool = False) -> None:
         """Deploy a pushed commit; raises DeployFailed. With detach, returns once queued."""
         deployment_id = await asyncio.to_thread(self._create, app, commit, user)
-        self._newest_push[app] = deployment_id
         say(f"-----> Deployment #{deployment_id} of {app} at {commit[:12]}")
         build_dir = self.workspace / app / "builds" / f"{deployment_id}"
         started = time.monotonic()
         try:
             notes = await asyncio.to_thread(export_tree, object_env, commit, build_dir)
         except DeployFailed as exc:
+            await asyncio.to_thread(shutil.rmtree, build_dir, ignore_errors=True)
             await asyncio.to_thread(self._update, deployment_id, state="failed", stage="export", error=exc.message,
                                     finished_at=now())
             raise
         for note in notes:
             say(f"       warning: {note}")
+        self._newest_push[app] = deployment_id  # only an exported push may supersede a queued one
         timings = {"export": round(time.monotonic() - started, 3)}
         if detach:
             task = asyncio.create_task(self._run_detached(app, deployment_id, commit, user, build_dir, timings))
@@ -175,8 +197,7 @@ class Deployments:
                 timings["detect"] = round(time.monotonic() - t, 3)
                 t = enter("build", "building")
                 cache = self.workspace / app / "cache"
-                for directory in (build_dir, cache, cache / "home"):
-                    await asyncio.to_thread(self.scheduler.hand_over, directory)
+                await asyncio.to_thread(self.scheduler.hand_over_tree, build_dir)
                 async with self._builds:
                     result = await self.builder.build(build_dir, detection, cache,
                                                       {**self.scheduler.base_env(), "HOME": str(cache / "home")},
@@ -195,9 +216,12 @@ class Deployments:
                 emit(f"-----> Released v{record.version} in {sum(timings.values()):.1f}s")
                 emit(f"=====> {app} is live at {self.platform.url(app)}")
                 await asyncio.to_thread(self._prune_builds, app, deployment_id)
-        except (DetectError, BuildError, PipelineInputError, DeployFailed, RolloutFailed) as exc:
+        except Exception as exc:
             failed_stage = getattr(exc, "stage", stage)
             message = getattr(exc, "message", str(exc))
+            if not isinstance(exc, (DetectError, BuildError, PipelineInputError, DeployFailed, RolloutFailed)):
+                log.exception("deployment #%s of %s failed unexpectedly at %s", deployment_id, app, stage)
+                message = f"internal error ({type(exc).__name__}); the daemon log has the details"
             if not (isinstance(exc, DeployFailed) and exc.stage == "queued"):
                 self._update(deployment_id, state="failed", stage=failed_stage, error=message, timings=timings,
                              finished_at=now())
@@ -291,12 +315,16 @@ class Deployments:
             await self.rollout.stop_app(app, self.hostnames(app))
 
     async def rollback(self, app: str, version: int, user: str, say: Say) -> ReleaseRecord | None:
+        """As on Heroku, the old release's config comes back too, and stays for later releases."""
         target = self.ledger.get(app, version)
-        return await self.rerelease(app, user, "rollback", f"rollback to v{version}", say,
-                                    config=target.config, source=target)
+        record = await self.rerelease(app, user, "rollback", f"rollback to v{version}", say,
+                                      config=target.config, source=target)
+        await asyncio.to_thread(self.config_vars.replace, app, target.config)
+        return record
 
     async def restore(self) -> None:
         """At daemon start: route to app processes that kept running, restart the rest at their last release."""
+        await asyncio.to_thread(self.fail_interrupted)
         apps = {p.name for p in (self.workspace).glob("*") if p.is_dir()}
         for app in sorted(apps):
             latest = self.ledger.latest(app)
@@ -319,6 +347,9 @@ class Deployments:
             shutil.rmtree(self.workspace / app, ignore_errors=True)
             for store in (self.config_vars, self.settings, self.ledger, self.logs):
                 await asyncio.to_thread(store.forget, app)
+            await asyncio.to_thread(self._forget_deployments, app)
+        self._locks.pop(app, None)
+        self._newest_push.pop(app, None)
 
     # helpers
 

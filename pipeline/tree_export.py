@@ -34,7 +34,18 @@ def export_tree(object_env: dict[str, str], commit_id: str, target: Path) -> lis
     target.mkdir(parents=True, exist_ok=False)
     notes: list[str] = []
     _write_tree(store, store[commit.tree], target, PurePosixPath(), notes)
+    _check_links_stay_inside(target)
     return notes
+
+
+def _check_links_stay_inside(root: Path) -> None:
+    """Each link was checked on its own; a chain of links can still lead out, so resolve them all."""
+    real_root = Path(os.path.realpath(root))
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(directory, name)
+            if path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(real_root):
+                raise DeployFailed("export", f"symlink {path.relative_to(root)} leads outside the app")
 
 
 def _write_tree(store: BaseObjectStore, tree: Tree, root: Path, prefix: PurePosixPath, notes: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,14 +57,17 @@ async def wait_healthy(instance: Instance, checks: list[Check], say: Callable[[s
     """Return once every check passed; raise HealthCheckFailed with the reason otherwise."""
     async with httpx.AsyncClient(trust_env=False) as client:
         # First the process must answer at all; polling fast here keeps deploys quick.
-        for _ in range(int(DEFAULT_STARTUP_SECONDS / POLL)):
+        deadline = time.monotonic() + DEFAULT_STARTUP_SECONDS
+        while True:
             if _crashed(instance):
                 raise HealthCheckFailed(f"{instance.name} exited before answering on port {instance.port}")
-            if await _probe(client, instance, Check(name="listening", timeout=2.0)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HealthCheckFailed(
+                    f"{instance.name} did not answer HTTP on $PORT within {DEFAULT_STARTUP_SECONDS:.0f}s")
+            if await _probe(client, instance, Check(name="listening", timeout=min(2.0, left))) is None:
                 break
             await asyncio.sleep(POLL)
-        else:
-            raise HealthCheckFailed(f"{instance.name} did not answer HTTP on $PORT within {DEFAULT_STARTUP_SECONDS:.0f}s")
         for check in checks:
             await asyncio.sleep(check.initial_delay)
             why = "not tried"

@@ -324,3 +324,42 @@ def test_newer_push_supersedes_a_queued_one(live: Daemon) -> None:
     assert get(live, "queue").text == "stdlib v3"
     listing = live.ssh("deploys", "queue").stdout
     assert "cancelled" in listing and listing.count("live") == 2
+
+
+def test_symlink_chain_out_of_the_app_is_refused(live: Daemon) -> None:
+    """Each link alone looks harmless (its text stays inside); followed in turn they reach /etc/passwd."""
+    repo = app_repo(live, "stdlib", "links")
+    deep = repo.joinpath(*(f"d{i}" for i in range(1, 12)))
+    deep.mkdir(parents=True)
+    (deep / "up").symlink_to("/".join([".."] * 11))
+    (repo / ".python-version").symlink_to("/".join([*(f"d{i}" for i in range(1, 12)), "up", *[".."] * 12,
+                                                    "etc", "passwd"]))
+    commit(repo, "escaping chain")
+    result = push(live, repo, "links", check=False)
+    assert result.returncode != 0
+    assert "leads outside the app" in result.stderr
+    assert "root:" not in result.stderr
+
+
+def test_hostnames_cannot_be_taken_over(live: Daemon) -> None:
+    for name in ("owner", "thief"):
+        push(live, app_repo(live, "stdlib", name), name)
+    assert live.ssh("domains:add", "owner", "shop.example.test").returncode == 0
+    taken = live.ssh("domains:add", "thief", "shop.example.test")
+    assert taken.returncode != 0 and "another app" in taken.stderr
+    platform = live.ssh("domains:add", "thief", "owner.localhost")
+    assert platform.returncode != 0 and "platform domain" in platform.stderr
+    response = httpx.get(f"http://127.0.0.1:{live.router_port}/", headers={"Host": "shop.example.test"})
+    assert response.text == "stdlib v1"
+    assert get(live, "owner", "/env/DEVFLOW_APP").text == "owner"
+
+
+def test_rollback_brings_the_old_config_back(live: Daemon) -> None:
+    push(live, app_repo(live, "stdlib", "rbcfg"), "rbcfg")
+    assert live.ssh("config:set", "rbcfg", "MODE=old").returncode == 0  # v2
+    assert live.ssh("config:set", "rbcfg", "MODE=new").returncode == 0  # v3
+    assert live.ssh("rollback", "rbcfg", "v2").returncode == 0
+    assert get(live, "rbcfg", "/env/MODE").text == "old"
+    assert live.ssh("config:get", "rbcfg", "MODE").stdout == "old\n"
+    assert live.ssh("ps:scale", "rbcfg", "web=1").returncode == 0  # a later release keeps it
+    assert get(live, "rbcfg", "/env/MODE").text == "old"

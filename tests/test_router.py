@@ -13,9 +13,9 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 import pytest
@@ -31,6 +31,7 @@ from runtime.router.config import RouterConfig
 MiB = 1024 * 1024
 BLOCK = bytes(range(256)) * 256  # 64 KiB of a pattern, so truncation or reordering shows in the digest
 WAIT = 20  # seconds any single wait may take before the test fails, never a speed assertion
+T = TypeVar("T")
 
 
 # --- apps ------------------------------------------------------------------------------------------------
@@ -244,6 +245,8 @@ def read_request_head(f: BinaryIO) -> bytes:
 
 
 class RouterThread:
+    """A BuiltinRouter on its own event loop thread, as the daemon's loop would run it, stopped by `stop`."""
+
     def __init__(self, loop_name: str, config: RouterConfig) -> None:
         self.loop = uvloop.new_event_loop() if loop_name == "uvloop" else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"router-{loop_name}")
@@ -252,7 +255,7 @@ class RouterThread:
         self.run(self.router.start())
         self.port = self.router.port
 
-    def run(self, coro):  # noqa: ANN001, ANN201 - any coroutine
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
 
     def stop(self) -> None:
@@ -261,9 +264,8 @@ class RouterThread:
         self.thread.join(WAIT)
         self.loop.close()
 
-    def client(self, host: str, **kwargs) -> httpx.Client:  # noqa: ANN003
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers={"Host": host}, timeout=WAIT,
-                            **kwargs)
+    def client(self, host: str) -> httpx.Client:
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers={"Host": host}, timeout=WAIT)
 
     def socket(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)
@@ -439,11 +441,23 @@ def test_pipelined_requests_are_answered_in_order(proxy: RouterThread) -> None:
 def test_head_response_does_not_confuse_the_next_one(proxy: RouterThread) -> None:
     with proxy.socket() as sock, sock.makefile("rb") as f:
         for _ in range(2):
-            sock.sendall(b"HEAD / HTTP/1.1\r\nHost: web.localhost\r\n\r\nGET /after HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+            sock.sendall(b"HEAD / HTTP/1.1\r\nHost: web.localhost\r\n\r\n"
+                         b"GET /after HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
             status, headers, _ = read_response(f, head=True)
             assert status == 200 and headers["content-length"] == "1234"
             status, _, body = read_response(f)
             assert status == 200 and json.loads(body)["path"] == "/after"
+
+
+def test_a_body_on_a_get_cannot_poison_the_next_request(proxy: RouterThread) -> None:
+    """The stdlib app ignores a GET's body, so on a reused connection the body would be the next request."""
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: web.localhost\r\n\r\n"
+    with proxy.socket() as sock, sock.makefile("rb") as f:
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(smuggled), smuggled))
+        assert json.loads(read_response(f)[2])["path"] == "/first"
+        sock.sendall(b"GET /second HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+        assert json.loads(read_response(f)[2])["path"] == "/second"
 
 
 def test_expect_100_continue_is_relayed(proxy: RouterThread) -> None:
@@ -711,7 +725,7 @@ def test_swap_under_load_fails_no_request(proxy: RouterThread, apps: tuple[AppSe
     assert seen["old"] > 0 and seen["new"] >= 200
 
 
-def wait_until(condition) -> None:  # noqa: ANN001 - a callable returning bool
+def wait_until(condition: Callable[[], bool]) -> None:
     for _ in range(WAIT * 100):
         if condition():
             return

@@ -34,6 +34,7 @@ class GitService:
         self.backend = backend
         self.sessions = sessions
         self.hook_socket = hook_socket
+        self._push_locks: dict[str, asyncio.Lock] = {}
 
     async def authorize(self, actor: Actor, repo_path: str, service: Service) -> str:
         """Return the app name; a push may create the app (push-to-create)."""
@@ -62,6 +63,9 @@ class GitService:
         pushing = service == "receive-pack" and not advertise
         async with AsyncExitStack() as stack:
             if pushing:
+                # One push per app at a time, from pack to ref update: a deploy that goes live in one
+                # push's hook is always followed by that push's own ref update, never by another's.
+                await stack.enter_async_context(self._push_locks.setdefault(app, asyncio.Lock()))
                 session = stack.enter_context(self.sessions.open(app, actor, transport))
                 env.update(DEVFLOW_PUSH_ID=session.id, DEVFLOW_HOOK_SOCKET=str(self.hook_socket))
             argv = self.backend.command(service, repo, stateless=stateless, advertise=advertise)

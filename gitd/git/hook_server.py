@@ -13,6 +13,8 @@ from receivers.push_events import PushRejected, RefUpdate
 
 log = logging.getLogger(__name__)
 
+REQUEST_LIMIT = 64 * 1024 * 1024
+
 
 class _StreamReply:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
@@ -33,7 +35,8 @@ class HookServer:
     async def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self.socket_path))
+        # A push may carry thousands of ref updates on its one request line.
+        self._server = await asyncio.start_unix_server(self._handle, path=str(self.socket_path), limit=REQUEST_LIMIT)
         self.socket_path.chmod(0o600)
 
     async def close(self) -> None:

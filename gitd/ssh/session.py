@@ -71,7 +71,8 @@ class SessionHandler:
             log.info("ssh: client %s went away", actor.name)
             return
         except Exception:
-            log.exception("ssh: command from %s failed: %r", actor.name, process.command)
+            # Only the command's name: its arguments may be config values.
+            log.exception("ssh: command from %s failed: %s", actor.name, (process.command or "").split(" ", 1)[0])
             process.stderr.write(b"error: internal error in the DevFlow daemon; see its log\n")
             status = 1
         process.exit(status)
@@ -92,6 +93,8 @@ class SessionHandler:
             argv = shlex.split(command)
         except ValueError as exc:
             raise DevflowError(f"cannot parse the command: {exc}") from None
+        if not argv:
+            argv = ["help"]
         git = split_git_command(argv)
         if git is not None:
             return await self._git(process, actor, *git)

@@ -22,6 +22,7 @@ import shutil
 import signal
 import ssl
 import sys
+import tempfile
 import tomllib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +39,8 @@ Log = Callable[[str], None]
 STEP_TIMEOUT = 30 * 60.0
 PROBE_TIMEOUT = 60.0
 LOCK_POLL = 0.2
+# Cache directories the build tools (running as the app user) fill.
+CACHE_DIRS = ("python", "node", "pip", "npm", "uv", "poetry", "yarn", "go", "pnpm-store", "home")
 READY = ".devflow-ready"
 # The host environment a build may see: tool configuration, locale, proxies; not the daemon's secrets.
 HOST_ENV = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "SHELL", "SSL_CERT_FILE", "SSL_CERT_DIR",
@@ -173,15 +176,18 @@ class NativeBuilder:
     name = "native"
 
     def __init__(self, extra_ca_file: Path | None = None, *, step_timeout: float = STEP_TIMEOUT,
-                 preexec: Callable[[], None] | None = None) -> None:
-        """`preexec` runs in every build tool's process before exec: the daemon drops to the app user there."""
+                 preexec: Callable[[], None] | None = None, hand_over: Callable[[Path], None] | None = None) -> None:
+        """`preexec` runs in every build tool's process before exec (the daemon drops to the app user
+        there); `hand_over` gives the app user a directory the builder created for the tools to write in."""
         self.extra_ca_file = extra_ca_file
         self.step_timeout = step_timeout
         self.preexec = preexec
+        self.hand_over = hand_over or (lambda path: path.mkdir(parents=True, exist_ok=True))
 
     async def build(self, src: Path, detection: Detection, cache: Path, env: dict[str, str], log: Log) -> BuildResult:
         src, cache = src.resolve(), cache.resolve()
-        cache.mkdir(parents=True, exist_ok=True)
+        for directory in (cache, *(cache / name for name in CACHE_DIRS)):
+            self.hand_over(directory)
         tools = _Tools(self._tool_env(env, cache), log, self.step_timeout, self.preexec)
         steps = {"node": self._node, "python": self._python, "go": self._go, "static": self._static}
         layers = [await steps[stack](src, detection, cache, tools) for stack in detection.stacks]
@@ -232,9 +238,12 @@ class NativeBuilder:
             parts.append(Path(source).read_text(errors="replace"))
         parts.append(extra)
         bundle = cache / "ca-bundle.pem"
-        staging = bundle.with_suffix(f".{os.getpid()}.tmp")
-        staging.write_text("\n".join(part.strip() for part in parts) + "\n")
-        staging.replace(bundle)
+        # A fresh, exclusively created file: the app user, who owns the cache, cannot redirect the write.
+        fd, staging = tempfile.mkstemp(dir=cache, prefix="ca-bundle.", suffix=".tmp")
+        with open(fd, "w") as out:
+            out.write("\n".join(part.strip() for part in parts) + "\n")
+        os.chmod(staging, 0o644)
+        os.replace(staging, bundle)
         return bundle
 
     # python
@@ -367,7 +376,7 @@ class NativeBuilder:
             else:
                 tools.log(f"Installing Node.js dependencies from {inputs} with {manager}")
                 await asyncio.to_thread(shutil.rmtree, target, ignore_errors=True)
-                target.mkdir(parents=True)
+                self.hand_over(target)
                 (target / "package.json").write_bytes(manifest)
                 for name in copied:
                     shutil.copyfile(src / name, target / name)
@@ -547,12 +556,15 @@ def _node_install_argv(manager: str, modern_yarn: bool, has_lockfile: bool, cach
 def _static_root(src: Path) -> str:
     """The directory to serve: the first line of .static when it names one (e.g. `dist`), else the root."""
     marker = src / ".static"
+    if marker.is_symlink():
+        # Build scripts ran as the app user before this root-side read: a link could point anywhere.
+        raise BuildError(".static must be a plain file, not a symlink")
     lines = marker.read_text(encoding="utf-8", errors="replace").splitlines() if marker.is_file() else []
     root = next((line.strip() for line in lines if line.strip() and not line.startswith("#")), ".")
     resolved = (src / root).resolve()
     if os.path.isabs(root) or not resolved.is_relative_to(src) or not resolved.is_dir():
-        raise BuildError(f".static names {root!r}, which is not a directory inside the app "
-                         "(after the build): write a relative directory like `dist`, or leave .static empty")
+        raise BuildError(".static must name a directory inside the app (after the build): write a relative "
+                         "directory like `dist`, or leave .static empty")
     return root
 
 
@@ -570,8 +582,9 @@ def _link_tree(source: Path, target: Path) -> None:
 @asynccontextmanager
 async def _locked(path: Path, timeout: float) -> AsyncIterator[None]:
     """One build at a time fills a cache entry; the other waits, then reuses it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f"{path.name}.lock", "w") as handle:
+    # The cache belongs to the app user: never follow a link planted where the lock goes.
+    lock_fd = os.open(path.parent / f"{path.name}.lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with open(lock_fd, "w") as handle:
         for _ in range(int(timeout / LOCK_POLL) + 1):
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -42,11 +42,19 @@ class AppUser:
         """PATH without the directories this user cannot search (e.g. under a private /root)."""
         return os.pathsep.join(d for d in search_path.split(os.pathsep) if d and self.can_search(d))
 
-    def own(self, directory: Path) -> None:
-        """Hand a directory tree to the user: builds and app processes write where they run, as on Heroku."""
-        for root, dirs, files in os.walk(directory):
-            for name in (root, *(os.path.join(root, n) for n in dirs + files)):
-                os.lchown(name, self.uid, self.gid)
+    def own(self, path: Path) -> None:
+        """Give one directory (not what is in it) to the user."""
+        os.chown(path, self.uid, self.gid, follow_symlinks=False)
+
+    def own_tree(self, directory: Path) -> None:
+        """Give a tree root just wrote (a fresh export) to the user: builds and apps write where they run.
+
+        fwalk with dir fds and no symlink following, so nothing in the tree can redirect a chown.
+        """
+        self.own(directory)
+        for _, dirs, files, dir_fd in os.fwalk(directory, follow_symlinks=False):
+            for name in dirs + files:
+                os.chown(name, self.uid, self.gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def app_user_for(name: str | None) -> AppUser | None:

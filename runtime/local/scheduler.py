@@ -162,9 +162,15 @@ class LocalScheduler:
         return env
 
     def hand_over(self, directory: Path) -> None:
+        """A directory the app user may write in; created if missing. Only the directory itself changes owner."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.user is not None:
             self.user.own(directory)
+
+    def hand_over_tree(self, directory: Path) -> None:
+        """A tree root just wrote, e.g. a fresh export: all of it to the app user."""
+        if self.user is not None:
+            self.user.own_tree(directory)
 
     @property
     def preexec(self) -> Callable[[], None] | None:

@@ -41,6 +41,7 @@ class Supervisor:
         self.log = open(spec["log"], "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
         self.stopping = False
         self.child: subprocess.Popen | None = None
+        self.pump: threading.Thread | None = None
         self.state = {"supervisor_pid": os.getpid(), "child_pid": None, "state": "starting", "restarts": 0,
                       "last_exit": None, "started_at": None, "limits": spec.get("limits", {})}
 
@@ -56,6 +57,11 @@ class Supervisor:
     def _pump(self, stream) -> None:
         for raw in iter(stream.readline, b""):
             self.log.write(f"{timestamp()} {self.name} | ".encode() + raw.rstrip(b"\n") + b"\n")
+
+    def _drain_output(self) -> None:
+        """The child's last lines (its goodbye on SIGTERM, a crash trace) reach the log before we go on."""
+        if self.pump is not None:
+            self.pump.join(timeout=5)
 
     def _preexec(self) -> None:
         os.setpgrp()
@@ -84,7 +90,8 @@ class Supervisor:
             self.log_line(f"cannot start the process: {exc}")
             self.write_status(state="crashed", child_pid=None)
             raise SystemExit(1) from None
-        threading.Thread(target=self._pump, args=(self.child.stdout,), daemon=True).start()
+        self.pump = threading.Thread(target=self._pump, args=(self.child.stdout,), daemon=True)
+        self.pump.start()
         self.write_status(child_pid=self.child.pid, state="running", started_at=time.time())
 
     def stop(self, *_: object) -> None:
@@ -106,6 +113,7 @@ class Supervisor:
         while True:
             assert self.child is not None
             code = self.child.wait()
+            self._drain_output()
             if self.stopping:
                 break
             ran = time.time() - (self.state["started_at"] or time.time())
@@ -133,6 +141,7 @@ class Supervisor:
         if self.child is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.child.pid, signal.SIGKILL)  # leftovers of the process group
+        self._drain_output()
         self.write_status(state="stopped", child_pid=None)
         return 0
 

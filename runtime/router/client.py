@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # Why reading from the client is paused; reading resumes when no reason is left.
 PIPELINED, BUFFERING, UPSTREAM_FULL, BROKEN = 1, 2, 4, 8
 MAX_RETRIES = 2
+# Many apps ignore a body on these methods and would read it as the next request on a reused connection.
+BODILESS_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
 class RequestRejected(Exception):
@@ -60,6 +62,9 @@ class ClientConnection(asyncio.Protocol):
         self._active: Exchange | None = None
         self._queue: deque[Exchange] = deque()
         self._upgrading: Exchange | None = None
+        self._held: list[bytes] = []
+        """What the client sent after its Upgrade request, held until the app agrees to switch (101):
+        an app that does not would read those bytes as requests of its own, ones the router never saw."""
         self._connecting: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._paused = 0
@@ -83,9 +88,7 @@ class ClientConnection(asyncio.Protocol):
         self._last_read = self._loop.time()
         upgrading = self._upgrading
         if upgrading is not None:  # after an Upgrade request the client speaks the new protocol
-            upgrading.pending.append(data)
-            upgrading.pending_bytes += len(data)
-            self._flush(upgrading)
+            self._tunnel(upgrading, data)
             return
         if self._parsing is None:
             self._head_bytes += len(data)
@@ -94,9 +97,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            rest = data[exc.args[0]:]
-            if rest and self._upgrading is not None:
-                self._upgrading.pending.append(rest)
+            if self._upgrading is not None and len(data) > exc.args[0]:
+                self._tunnel(self._upgrading, data[exc.args[0]:])
         except HttpParserError as exc:
             reason = exc.__context__
             if isinstance(reason, RequestRejected):
@@ -297,7 +299,9 @@ class ClientConnection(asyncio.Protocol):
     def response_done(self, exchange: Exchange, conn: UpstreamConnection, reusable: bool) -> None:
         exchange.upstream = None
         conn.release()
-        if (reusable and exchange.request_complete and not exchange.request.upgrade
+        request = exchange.request
+        if (reusable and exchange.request_complete and not request.upgrade
+                and not (request.has_body and request.method in BODILESS_METHODS)
                 and not conn.transport.get_write_buffer_size()):
             self._pool.put(conn)
         else:
@@ -331,8 +335,24 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._resume(UPSTREAM_FULL)
 
+    def tunnel_open(self, exchange: Exchange) -> None:
+        """The app switched protocols: from now on bytes flow both ways unparsed."""
+        held, self._held = self._held, []
+        for data in held:
+            self._tunnel(exchange, data)
+        self._resume(BUFFERING)
+
     def tunnel_closed(self) -> None:
         self._close()
+
+    def _tunnel(self, exchange: Exchange, data: bytes) -> None:
+        if exchange.response_started:
+            exchange.pending.append(data)
+            self._flush(exchange)
+        else:
+            self._held.append(data)
+            if sum(map(len, self._held)) > self._config.buffer_bytes:
+                self._pause(BUFFERING)
 
     # closing
 

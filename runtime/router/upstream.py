@@ -25,6 +25,10 @@ class UnexpectedUpgrade(Exception):
     """The app switched protocols on a request that did not ask to."""
 
 
+class ExtraResponse(Exception):
+    """The app sent another response after the one asked for, as if answering a request smuggled in a body."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """A keep-alive connection to one app process, serving one exchange at a time, pooled in between."""
 
@@ -45,7 +49,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._done = False
         self._interim = False
-        self._skip_body = False
         self._tunnel = False
         self._reading_paused = False
 
@@ -91,24 +94,17 @@ class UpstreamConnection(asyncio.Protocol):
         except HttpParserUpgrade as exc:
             self._tunnel = True
             self._out.append(data[exc.args[0]:])  # already the new protocol's bytes
+            client.tunnel_open(exchange)
         except HttpParserError as exc:
-            if not isinstance(exc.__context__, UnexpectedUpgrade) and exc.__context__ is not None:
-                log.error("router: failed on a response from %s:%d", *self.address, exc_info=exc.__context__)
+            if self._done:  # whatever follows the response, this connection is not used again
+                self._keep_alive = False
             else:
-                log.info("router: invalid response from %s:%d: %s", *self.address, exc)
-            self._out.clear()  # nothing of a broken response reaches the client...
-            exchange.response_started = started  # ...so it may still get a 502
-            self.exchange = None
-            self.transport.abort()
-            client.upstream_failed(exchange, self, retry=False)
-            return
+                self._failed(exchange, exc, started)
+                return
         if self._out:
             out = self._out
             client.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        if self._skip_body:  # the parser would wait for the body a HEAD response only announces
-            self._skip_body = False
-            self._parser = HttpResponseParser(self)
         if self._done:
             client.response_done(exchange, self, self._keep_alive)
 
@@ -148,11 +144,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._done:
+            raise ExtraResponse
         exchange = self.exchange
         request = exchange.request
         status = self._parser.get_status_code()
         if status == 101 and not request.upgrade:
-            raise UnexpectedUpgrade
+            raise UnexpectedUpgrade("101 Switching Protocols to a request that asked for no upgrade")
         head, framing, keep_alive, until_close = response_head(status, self._reason, self._headers, request)
         self._reason = b""
         self._headers = []
@@ -167,7 +165,9 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.response_started = True
         exchange.keep_alive = keep_alive
         if framing == NO_BODY and request.method == b"HEAD":
-            self._done = self._skip_body = True
+            # The parser would wait for the body the head announces: end here, and since the parser is left
+            # mid-message (and apps do send bodies to HEAD), do not use the connection again.
+            self._done, self._keep_alive = True, False
 
     def on_body(self, body: bytes) -> None:
         if self._done:
@@ -184,3 +184,15 @@ class UpstreamConnection(asyncio.Protocol):
             if self._framing == CHUNKED:
                 self._out.append(b"0\r\n\r\n")
             self._done = True
+
+    def _failed(self, exchange: Exchange, exc: HttpParserError, started: bool) -> None:
+        reason = exc.__context__
+        if reason is None or isinstance(reason, UnexpectedUpgrade):
+            log.info("router: invalid response from %s:%d: %s", *self.address, reason or exc)
+        else:
+            log.error("router: failed on a response from %s:%d", *self.address, exc_info=reason)
+        self._out.clear()  # nothing of a broken response reaches the client...
+        exchange.response_started = started  # ...so it may still get a 502
+        self.exchange = None
+        self.transport.abort()
+        exchange.client.upstream_failed(exchange, self, retry=False)

@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -150,7 +150,8 @@ def serve_stdlib(port: int) -> None:
     StdlibApp((HOST, port), StdlibHandler).serve_forever()
 
 
-async def _asgi_app(scope: dict, receive: object, send) -> None:  # noqa: ANN001 - the ASGI send callable
+async def _asgi_app(scope: dict, receive: Callable[[], Awaitable[dict]],
+                    send: Callable[[dict], Awaitable[None]]) -> None:
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(BODY)).encode())]})
     await send({"type": "http.response.body", "body": BODY})
