@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import posixpath
 import re
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -79,6 +81,19 @@ class AppRegistry:
         with self.sessions() as db:
             app = db.scalar(select(App).where(App.name == check_app_name(name)))
             return self._role(db, actor, app) if app else None
+
+    def readable_repository(self, user: str, app: str, relative_url: str) -> Path | None:
+        """What a relative submodule URL of `app` (e.g. ../lib.git) names, if `user` may read it."""
+        target = posixpath.normpath(posixpath.join(f"/{app}.git", relative_url)).removeprefix("/").removesuffix(".git")
+        if not APP_NAME.fullmatch(target):
+            return None
+        with self.sessions() as db:
+            user_row = db.scalar(select(User).where(User.name == user))
+            other = db.scalar(select(App).where(App.name == target))
+            if user_row is None or other is None:
+                return None
+            actor = Actor(user_row.id, user_row.name, user_row.is_admin, user_row.can_create_apps)
+            return self.repositories.path(target) if self._role(db, actor, other) is not None else None
 
     def create(self, actor: Actor, name: str) -> dict:
         check_app_name(name)

@@ -143,7 +143,7 @@ class Daemon:
             self.apps_root, Platform(settings.domain, settings.router_port),
             max_builds=settings.max_concurrent_builds,
         )
-        self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings))
+        self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, self.apps.readable_repository))
         self.deploy_services = DeployServices(
             self.deployments, self.deployments.config_vars, self.deployments.ledger, deploy_settings, self.rollout,
             logs, self._run_on_loop,

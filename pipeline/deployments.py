@@ -27,7 +27,7 @@ from pipeline.detect import DetectError, detect
 from pipeline.errors import DeployFailed, PipelineInputError
 from pipeline.release_ledger import ReleaseLedger, ReleaseRecord
 from pipeline.schema import Deployment
-from pipeline.tree_export import export_tree
+from pipeline.tree_export import LocalRepo, export_tree
 from runtime.health import Check
 from runtime.local.scheduler import LocalScheduler
 from runtime.process_logs import ProcessLogs
@@ -134,21 +134,24 @@ class Deployments:
     # pushes
 
     async def deploy_push(self, app: str, commit: str, user: str, object_env: dict[str, str], say: Say,
-                          detach: bool = False) -> None:
+                          detach: bool = False, local_repo: LocalRepo = lambda url: None) -> None:
         """Deploy a pushed commit; raises DeployFailed. With detach, returns once queued."""
         deployment_id = await asyncio.to_thread(self._create, app, commit, user)
         say(f"-----> Deployment #{deployment_id} of {app} at {commit[:12]}")
         build_dir = self.workspace / app / "builds" / f"{deployment_id}"
         started = time.monotonic()
         try:
-            notes = await asyncio.to_thread(export_tree, object_env, commit, build_dir)
-        except DeployFailed as exc:
+            notes = await asyncio.to_thread(export_tree, object_env, commit, build_dir, local_repo)
+        except Exception as exc:
+            if not isinstance(exc, DeployFailed):
+                log.exception("exporting %s of %s failed", commit[:12], app)
+                exc = DeployFailed("export", f"internal error ({type(exc).__name__}); the daemon log has the details")
             await asyncio.to_thread(shutil.rmtree, build_dir, ignore_errors=True)
             await asyncio.to_thread(self._update, deployment_id, state="failed", stage="export", error=exc.message,
                                     finished_at=now())
-            raise
+            raise exc from None
         for note in notes:
-            say(f"       warning: {note}")
+            say(f"-----> {note}")
         self._newest_push[app] = deployment_id  # only an exported push may supersede a queued one
         timings = {"export": round(time.monotonic() - started, 3)}
         if detach:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from dulwich.repo import Repo
 
 from pipeline.deploy_settings import DeploySettings
@@ -18,9 +21,12 @@ def _server_branches(git_dir: str | None) -> set[str]:
 
 
 class DeployOnPush:
-    def __init__(self, deployments: Deployments, settings: DeploySettings) -> None:
+    def __init__(self, deployments: Deployments, settings: DeploySettings,
+                 sibling_repo: Callable[[str, str, str], Path | None]) -> None:
+        """`sibling_repo(user, app, url)`: the repository a relative submodule URL names, if the user can read it."""
         self.deployments = deployments
         self.settings = settings
+        self.sibling_repo = sibling_repo
 
     async def __call__(self, event: PushEvent, reply: Reply) -> None:
         pushed = {u.branch for u in event.updates if u.branch}
@@ -32,7 +38,8 @@ class DeployOnPush:
                 raise PushRejected(f"{branch} is the deploy branch of {event.app}; "
                                    f"to take the app down use apps:destroy {event.app}")
             try:
-                await self.deployments.deploy_push(event.app, update.new, event.user, event.object_env, reply.say,
-                                                   detach="detach" in event.options)
+                await self.deployments.deploy_push(
+                    event.app, update.new, event.user, event.object_env, reply.say, detach="detach" in event.options,
+                    local_repo=lambda url: self.sibling_repo(event.user, event.app, url))
             except DeployFailed as exc:
                 raise PushRejected(f"deploy failed at {exc.stage}: {exc.message}") from None

@@ -363,3 +363,37 @@ def test_rollback_brings_the_old_config_back(live: Daemon) -> None:
     assert live.ssh("config:get", "rbcfg", "MODE").stdout == "old\n"
     assert live.ssh("ps:scale", "rbcfg", "web=1").returncode == 0  # a later release keeps it
     assert get(live, "rbcfg", "/env/MODE").text == "old"
+
+
+def add_submodule(daemon: Daemon, repo: Path, path: str, url: str, sha: str) -> None:
+    """A gitlink plus its .gitmodules entry, as `git submodule add` would leave them."""
+    with (repo / ".gitmodules").open("a") as modules:
+        modules.write(f'[submodule "{path}"]\n\tpath = {path}\n\turl = {url}\n')
+    daemon.git("add", ".gitmodules", cwd=repo)
+    daemon.git("update-index", "--add", "--cacheinfo", f"160000,{sha},{path}", cwd=repo)
+    daemon.git("commit", "-qm", f"submodule {path}", cwd=repo)  # not `add -A`: it would drop the gitlink
+
+
+def test_submodules_are_exported(live: Daemon) -> None:
+    lib = live.work / "sublib-src"
+    lib.mkdir()
+    live.git("init", "-q", "-b", "trunk", str(lib))
+    (lib / "greeting.txt").write_text("hello from the submodule\n")
+    sha = commit(lib, "lib")
+    live.git("push", "-q", f"{live.ssh_url}/sublib.git", "trunk", cwd=lib)  # not a deploy branch: no deploy
+
+    repo = app_repo(live, "stdlib", "subapp")
+    add_submodule(live, repo, "vendor/lib", "../sublib.git", sha)
+    add_submodule(live, repo, "vendor/remote", f"file://{lib}", sha)
+    result = push(live, repo, "subapp")
+    assert "submodule vendor/lib at" in result.stderr and "from ../sublib.git" in result.stderr
+    builds = sorted((live.apps_dir / "subapp" / "builds").iterdir())
+    for path in ("vendor/lib", "vendor/remote"):
+        assert (builds[-1] / path / "greeting.txt").read_text() == "hello from the submodule\n"
+
+    outsider = live.add_user("outsider")
+    other = app_repo(live, "stdlib", "nosy")
+    add_submodule(live, other, "vendor/lib", "../sublib.git", sha)
+    refused = live.git("push", f"{live.ssh_url}/nosy.git", "main", cwd=other, key=outsider, check=False)
+    assert refused.returncode != 0
+    assert "not an app you can read" in refused.stderr

@@ -558,6 +558,38 @@ def test_websocket_echo_through_the_router(proxy: RouterThread) -> None:
         app.stop()
 
 
+def test_bytes_after_an_upgrade_request_wait_for_the_switch(proxy: RouterThread) -> None:
+    after_refusal: list[bytes] = []
+
+    def serve(conn: socket.socket, f: BinaryIO) -> None:
+        if b"/refuse" in read_request_head(f):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+            after_refusal.append(f.read())  # until the router closes: nothing of what followed the request
+            return
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+        while data := f.read1(1024):
+            conn.sendall(data)
+
+    app = RawApp(serve)
+    upgrade = b"GET /%s HTTP/1.1\r\nHost: echo.localhost\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    try:
+        proxy.router.set_app("echo", ["echo.localhost"], [("127.0.0.1", app.port)])
+        with proxy.socket() as sock, sock.makefile("rb") as f:
+            sock.sendall(upgrade % b"switch" + b"early")
+            assert read_response(f, head=True)[0] == 101
+            assert f.read(5) == b"early"
+            sock.sendall(b"later")
+            assert f.read(5) == b"later"
+        with proxy.socket() as sock, sock.makefile("rb") as f:
+            sock.sendall(upgrade % b"refuse" + b"GET /smuggled HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+            status, headers, body = read_response(f)
+            assert (status, body, headers["connection"]) == (200, b"no", "close")
+            assert f.read() == b""
+    finally:
+        app.stop()
+    assert after_refusal == [b""]
+
+
 @pytest.mark.parametrize("answer", [
     b"NOT HTTP AT ALL\r\n\r\n",
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
