@@ -563,8 +563,8 @@ def _static_root(src: Path) -> str:
     root = next((line.strip() for line in lines if line.strip() and not line.startswith("#")), ".")
     resolved = (src / root).resolve()
     if os.path.isabs(root) or not resolved.is_relative_to(src) or not resolved.is_dir():
-        raise BuildError(".static must name a directory inside the app (after the build): write a relative "
-                         "directory like `dist`, or leave .static empty")
+        raise BuildError(f".static names {root!r}, which is not a directory inside the app "
+                         "(after the build): write a relative directory like `dist`, or leave .static empty")
     return root
 
 

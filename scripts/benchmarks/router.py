@@ -232,7 +232,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks.router", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="scripts/bench router", description=__doc__.splitlines()[0])
     parser.add_argument("--apps", nargs="+", choices=APPS, default=list(APPS), help="apps to put behind the router")
     parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections (default 32)")
     parser.add_argument("--duration", type=float, default=5, help="seconds per run (default 5)")
