@@ -197,7 +197,7 @@ BACKENDS = ["cgit", "dulwich"]
 def daemon(request, tmp_path_factory) -> Iterator[Daemon]:
     """One daemon per module and git backend: every transport test runs on both."""
     if shutil.which("git") is None or shutil.which("ssh") is None:
-        pytest.skip("needs the C git and OpenSSH clients")
+        pytest.skip(reason="needs the C git and OpenSSH clients")
     d = start_daemon(tmp_path_factory.mktemp(f"devflow-{request.param}"), backend=request.param)
     yield d
     stop_daemon(d)
@@ -207,7 +207,7 @@ def daemon(request, tmp_path_factory) -> Iterator[Daemon]:
 def cgit_daemon(tmp_path_factory) -> Iterator[Daemon]:
     """A daemon on the default backend, for tests about gitd rather than the pack exchange."""
     if shutil.which("git") is None or shutil.which("ssh") is None:
-        pytest.skip("needs the C git and OpenSSH clients")
+        pytest.skip(reason="needs the C git and OpenSSH clients")
     d = start_daemon(tmp_path_factory.mktemp("devflow"), backend="cgit")
     yield d
     stop_daemon(d)

@@ -20,7 +20,7 @@ APPS = Path(__file__).parent / "apps"
 @pytest.fixture(scope="module")
 def live(tmp_path_factory) -> Iterator[Daemon]:
     if shutil.which("git") is None or shutil.which("ssh") is None:
-        pytest.skip("needs the C git and OpenSSH clients")
+        pytest.skip(reason="needs the C git and OpenSSH clients")
     d = start_daemon(tmp_path_factory.mktemp("deploy"))
     yield d
     stop_daemon(d)

@@ -59,7 +59,7 @@ def test_refuses_dsa(tmp_path: Path) -> None:
     made = subprocess.run(["ssh-keygen", "-q", "-t", "dsa", "-N", "", "-f", str(tmp_path / "dsa")],
                           capture_output=True)
     if made.returncode != 0:
-        pytest.skip("this ssh-keygen cannot make DSA keys any more")
+        pytest.skip(reason="this ssh-keygen cannot make DSA keys any more")
     with pytest.raises(InvalidInput, match="ssh-dss is not accepted"):
         parse_public_key((tmp_path / "dsa.pub").read_text())
 
