@@ -110,3 +110,11 @@ def test_run_once_streams_output(scheduler: LocalScheduler, tmp_path: Path) -> N
     assert code == 4
     assert lines == ["one", "two"]
     assert any(line.endswith("release | two") for line in scheduler.logs.tail("demo", process="release"))
+
+
+def test_run_once_times_out_and_kills_the_group(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    lines: list[str] = []
+    code = asyncio.run(scheduler.run_once("demo", "release", "sleep 30 & sleep 30; echo never", tmp_path / "app",
+                                          {"PATH": os.environ["PATH"]}, lines.append, timeout=0.5))
+    assert code != 0
+    assert lines == ["release did not finish within 0.5s; stopped"]

@@ -19,6 +19,7 @@ from runtime.local.cgroups import Cgroups, Limits
 from runtime.process_logs import ProcessLogs
 
 SUPERVISOR = "runtime.local.supervisor"
+RUN_ONCE_TIMEOUT = 3600.0  # release phase and deploy scripts, as Heroku allows
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -177,16 +178,33 @@ class LocalScheduler:
         return self.user.drop_privileges if self.user is not None else None
 
     async def run_once(self, app: str, name: str, command: str, cwd: Path, env: dict[str, str],
-                       say: Callable[[str], None]) -> int:
-        """A one-off process (release phase, predeploy): output goes to `say` and the app log."""
+                       say: Callable[[str], None], timeout: float = RUN_ONCE_TIMEOUT) -> int:
+        """A one-off process (release phase, predeploy): output goes to `say` and the app log.
+
+        Past `timeout` (or when the deploy is cancelled) its whole process group is killed; a timeout
+        counts as a failure.
+        """
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", command, cwd=str(cwd), env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
             preexec_fn=self.preexec,
         )
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            text = line.decode(errors="replace").rstrip("\n")
-            self.logs.write(app, name, text)
-            say(text)
-        return await proc.wait()
+
+        async def relay() -> int:
+            assert proc.stdout is not None
+            while line := await proc.stdout.readline():
+                text = line.decode(errors="replace").rstrip("\n")
+                self.logs.write(app, name, text)
+                say(text)
+            return await proc.wait()
+
+        try:
+            return await asyncio.wait_for(relay(), timeout)
+        except TimeoutError:
+            say(f"{name} did not finish within {timeout:g}s; stopped")
+            return -1
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
