@@ -144,13 +144,11 @@ class Daemon:
             max_builds=settings.max_concurrent_builds,
         )
         self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, self.apps.readable_repository))
-        self.deploy_services = DeployServices(
-            self.deployments, self.deployments.config_vars, self.deployments.ledger, deploy_settings, self.rollout,
-            logs, self._run_on_loop,
-        )
+        self.deploy_services = DeployServices(self.deployments, self._run_on_loop)
         self._loop: asyncio.AbstractEventLoop | None = None
         push_sessions = PushSessions()
-        self.hooks = HookServer(hook_socket_path(settings), push_sessions, PushGate(self.apps, self.backend, self.receiver))
+        gate = PushGate(self.apps, self.backend, self.receiver)
+        self.hooks = HookServer(hook_socket_path(settings), push_sessions, gate)
         self.git = GitService(self.apps, self.backend, push_sessions, self.hooks.socket_path)
         self.host_key = load_or_create_host_key(settings.host_key_path)
         self._stop = asyncio.Event()

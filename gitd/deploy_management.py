@@ -17,23 +17,14 @@ from typing import Any
 from gitd.apps import AppRegistry
 from gitd.errors import DevflowError, InvalidInput, NotFound
 from gitd.identity.roles import Actor, Role
-from pipeline.config_vars import ConfigVars
-from pipeline.deploy_settings import DeploySettings
 from pipeline.deployments import Deployments
 from pipeline.errors import DeployFailed, PipelineInputError
-from pipeline.release_ledger import ReleaseLedger, parse_version
-from runtime.process_logs import ProcessLogs
-from runtime.rollout import Rollout
+from pipeline.release_ledger import parse_version
 
 
 @dataclass(frozen=True)
 class DeployServices:
-    deployments: Deployments
-    config_vars: ConfigVars
-    ledger: ReleaseLedger
-    settings: DeploySettings
-    rollout: Rollout
-    logs: ProcessLogs
+    deployments: Deployments  # owns the config vars, ledger, settings, rollout and logs it works with
     run: Callable[[Coroutine], Any]  # runs a coroutine on the daemon's loop, from a worker thread
 
 
@@ -92,7 +83,7 @@ class DeployManagement:
 
     def config_show(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
-        return self.deploys.config_vars.get_all(app)
+        return self.deploys.deployments.config_vars.get_all(app)
 
     def config_get(self, app: str, key: str) -> dict:
         values = self.config_show(app)
@@ -104,22 +95,24 @@ class DeployManagement:
         self.apps.authorize(self.actor, app, Role.WRITE)
         values = parse_assignments(pairs, encoded)
         with pipeline_errors():
-            self.deploys.config_vars.set(app, values)
-        return {"set": sorted(values), **self._release_after(app, "config", f"set {', '.join(sorted(values))}", restart)}
+            self.deploys.deployments.config_vars.set(app, values)
+        described = f"set {', '.join(sorted(values))}"
+        return {"set": sorted(values), **self._release_after(app, "config", described, restart)}
 
     def config_unset(self, app: str, keys: list[str], restart: bool = True) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
-        missing = sorted(set(keys) - set(self.deploys.config_vars.get_all(app)))
+        missing = sorted(set(keys) - set(self.deploys.deployments.config_vars.get_all(app)))
         if missing:
             raise NotFound(f"{app} has no config var {', '.join(missing)}")
-        self.deploys.config_vars.unset(app, keys)
-        return {"unset": sorted(keys), **self._release_after(app, "config", f"unset {', '.join(sorted(keys))}", restart)}
+        self.deploys.deployments.config_vars.unset(app, keys)
+        described = f"unset {', '.join(sorted(keys))}"
+        return {"unset": sorted(keys), **self._release_after(app, "config", described, restart)}
 
     # releases
 
     def releases(self, app: str) -> list[dict]:
         self.apps.authorize(self.actor, app, Role.READ)
-        return [r.summary() for r in self.deploys.ledger.list(app)]
+        return [r.summary() for r in self.deploys.deployments.ledger.list(app)]
 
     def rollback(self, app: str, version: str) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
@@ -137,7 +130,7 @@ class DeployManagement:
 
     def ps(self, app: str) -> list[dict]:
         self.apps.authorize(self.actor, app, Role.READ)
-        return self.deploys.rollout.processes(app)
+        return self.deploys.deployments.rollout.processes(app)
 
     def ps_scale(self, app: str, pairs: list[str]) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
@@ -147,7 +140,7 @@ class DeployManagement:
                 raise InvalidInput(f"{kind}={value}: the count must be a whole number")
             counts[kind] = int(value)
         with pipeline_errors():
-            formation = self.deploys.settings.scale(app, counts)
+            formation = self.deploys.deployments.settings.scale(app, counts)
         described = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
         return {"formation": formation, **self._release_after(app, "scale", f"scale {described}", True)}
 
@@ -168,23 +161,23 @@ class DeployManagement:
 
     def logs(self, app: str, tail: int = 100, process: str | None = None) -> list[str]:
         self.apps.authorize(self.actor, app, Role.READ)
-        return self.deploys.logs.tail(app, tail, process)
+        return self.deploys.deployments.logs.tail(app, tail, process)
 
     def resources(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.READ)
-        limits = self.deploys.settings.resources(app)
+        limits = self.deploys.deployments.settings.resources(app)
         return {"app": app, "memory": limits.memory, "cpu": limits.cpu,
-                "enforced_by": self.deploys.rollout.scheduler.limits_enforcement()}
+                "enforced_by": self.deploys.deployments.rollout.scheduler.limits_enforcement()}
 
     def resources_set(self, app: str, pairs: list[str]) -> dict:
         self.apps.authorize(self.actor, app, Role.ADMIN)
         with pipeline_errors():
-            self.deploys.settings.set_resources(app, parse_assignments(pairs, encoded=False))
+            self.deploys.deployments.settings.set_resources(app, parse_assignments(pairs, encoded=False))
         return {**self.resources(app), **self._restart_if_deployed(app)}
 
     def resources_clear(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.ADMIN)
-        self.deploys.settings.set_resources(app, {})
+        self.deploys.deployments.settings.set_resources(app, {})
         return {**self.resources(app), **self._restart_if_deployed(app)}
 
     def _restart_if_deployed(self, app: str) -> dict:
@@ -208,16 +201,16 @@ class DeployManagement:
     def domains_remove(self, app: str, domain: str) -> dict:
         self.apps.authorize(self.actor, app, Role.ADMIN)
         with pipeline_errors():
-            self.deploys.settings.remove_domain(app, domain)
+            self.deploys.deployments.settings.remove_domain(app, domain)
         return self._reroute(app)
 
     def _reroute(self, app: str) -> dict:
         hostnames = self.deploys.deployments.hostnames(app)
-        self.deploys.run(self.deploys.rollout.reroute(app, hostnames))
+        self.deploys.run(self.deploys.deployments.rollout.reroute(app, hostnames))
         return {"app": app, "domains": hostnames}
 
     def deploy_info(self, app: str) -> dict:
-        latest = self.deploys.ledger.latest(app)
+        latest = self.deploys.deployments.ledger.latest(app)
         return {"url": self.deploys.deployments.platform.url(app),
-                "deploy_branch": self.deploys.settings.deploy_branch(app),
+                "deploy_branch": self.deploys.deployments.settings.deploy_branch(app),
                 "release": f"v{latest.version}" if latest else None}

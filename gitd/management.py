@@ -57,7 +57,8 @@ class Management(DeployManagement):
         if setting == "deploy-branch":
             self.apps.authorize(self.actor, name, Role.ADMIN)
             with pipeline_errors():
-                return {"app": name, "deploy_branch": self.deploys.settings.set_deploy_branch(name, value.strip())}
+                branch = self.deploys.deployments.settings.set_deploy_branch(name, value.strip())
+                return {"app": name, "deploy_branch": branch}
         raise InvalidInput(f"unknown app setting {setting!r}; settable: {', '.join(APP_SETTINGS)}")
 
     # keys

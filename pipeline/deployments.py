@@ -239,7 +239,7 @@ class Deployments:
     # releases of an existing artifact: config changes, rollback, scale, restart
 
     async def _release(self, app: str, user: str, reason: str, description: str, emit: Say, timings: dict,
-                       enter: Callable[[str, str], float] | None, *, commit: str, artifact: str,
+                       enter: Callable[[str, str], float], *, commit: str, artifact: str,
                        processes: dict[str, str], build_env: dict[str, str], config: dict[str, str],
                        app_json: dict, release_command: str | None = None) -> ReleaseRecord:
         """Run the release phase, roll out, then record the release. Caller holds the app lock."""
@@ -247,7 +247,7 @@ class Deployments:
         version = (latest.version if latest else 0) + 1
         env = self._process_env(app, version, build_env, config, app_json)
         cwd = Path(artifact)
-        t = enter("release", "releasing") if enter else time.monotonic()
+        t = enter("release", "releasing")
         for name, command in (("release", release_command), ("predeploy", app_json.get("predeploy"))):
             if command:
                 emit(f"-----> Running {name}: {command}")
@@ -255,7 +255,7 @@ class Deployments:
                 if code != 0:
                     raise DeployFailed("release phase", f"{name} command exited with status {code}")
         timings["release"] = round(time.monotonic() - t, 3)
-        t = enter("health checks", "releasing") if enter else time.monotonic()
+        t = enter("health checks", "releasing")
         await self.rollout.deploy(self._spec(app, version, cwd, processes, env, app_json),
                                   lambda line: emit(f"       {line}"))
         self.settings.set_stopped(app, False)
@@ -272,7 +272,8 @@ class Deployments:
         return record
 
     async def rerelease(self, app: str, user: str, reason: str, description: str, say: Say, *,
-                        config: dict[str, str] | None = None, source: ReleaseRecord | None = None) -> ReleaseRecord | None:
+                        config: dict[str, str] | None = None,
+                        source: ReleaseRecord | None = None) -> ReleaseRecord | None:
         """A new release of an existing build: config change, rollback, scale, restart. None if never deployed."""
         async with self._lock(app):
             base = source or self.ledger.latest(app)
@@ -287,7 +288,8 @@ class Deployments:
 
             try:
                 record = await self._release(
-                    app, user, reason, description, emit, {}, None, commit=base.commit, artifact=base.artifact,
+                    app, user, reason, description, emit, {}, lambda stage, state: time.monotonic(),
+                    commit=base.commit, artifact=base.artifact,
                     processes=base.processes, build_env=base.build_env,
                     config=self.config_vars.get_all(app) if config is None else config, app_json=base.app_json,
                 )

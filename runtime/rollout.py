@@ -40,7 +40,8 @@ class RolloutFailed(Exception):
 
 
 class Rollout:
-    def __init__(self, scheduler: LocalScheduler, router: Router, logs: ProcessLogs, drain_seconds: float = 2.0) -> None:
+    def __init__(self, scheduler: LocalScheduler, router: Router, logs: ProcessLogs,
+                 drain_seconds: float = 2.0) -> None:
         self.scheduler = scheduler
         self.router = router
         self.logs = logs

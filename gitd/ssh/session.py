@@ -125,7 +125,7 @@ class SessionHandler:
         management = self.management_for(actor)
         for line in await asyncio.to_thread(management.logs, args.app, args.tail, args.process):
             process.stdout.write(line.encode() + b"\n")
-        async for line in management.deploys.logs.follow(args.app, args.process, stop=process.is_closing):
+        async for line in management.deploys.deployments.logs.follow(args.app, args.process, stop=process.is_closing):
             process.stdout.write(line.encode() + b"\n")
             await process.stdout.drain()
         return 0

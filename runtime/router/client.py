@@ -65,6 +65,7 @@ class ClientConnection(asyncio.Protocol):
         self._held: list[bytes] = []
         """What the client sent after its Upgrade request, held until the app agrees to switch (101):
         an app that does not would read those bytes as requests of its own, ones the router never saw."""
+        # asyncio holds tasks weakly: this reference keeps an in-flight connect from being collected.
         self._connecting: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._paused = 0
