@@ -1,10 +1,13 @@
-"""The built-in router against direct connections to the same app, side by side in one run.
+"""The built-in router against direct connections to the same app, side by side in one run, with nginx as
+the reference proxy when it is installed.
 
 For each app (a stdlib ThreadingHTTPServer, typical of small user apps, and uvicorn, a fast one) the
-load generator (wrk when installed, else a Python one) runs in its own process against the app directly
-and through a BuiltinRouter in another process under uvloop, as the daemon runs it. Two loads each:
-saturation (requests/s, with its latencies) and a paced load at half the router's saturation rate,
-where added latency is what the router itself costs rather than queueing.
+load generator (wrk when installed, else a Python one) runs in its own process against the app directly,
+through a BuiltinRouter in another process under uvloop (as the daemon runs it), and through nginx
+(one worker, keep-alive upstream connections). Two loads each: saturation (requests/s) and a paced load at
+half the saturation rate of the slower of direct and router, where added latency is what a proxy costs
+rather than queueing. On a small machine the p99 of a few seconds is noisy, so runs alternate between the
+targets and the medians of several runs are compared.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def wrk(wrk_path: str, port: int, connections: int, seconds: float, delay_ms: in
     out = run_quiet([*argv, f"http://{HOST}:{port}/"], timeout=seconds + 60).stdout.decode()
 
     def latency(percent: str) -> float:
-        found = re.search(rf"^\s*{percent}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        found = re.search(rf"^\s*{percent}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
         if not found:
             raise BenchError(f"cannot read the {percent}% latency from wrk:\n{out}")
         return float(found[1]) * _UNITS[found[2]]
@@ -103,7 +106,7 @@ async def _load(port: int, connections: int, seconds: float, delay_ms: int) -> S
                 start = time.perf_counter()
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"content-length:\s*(\d+)", head, re.I)[1])
+                length = int(re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)[1])
                 await reader.readexactly(length)
                 latencies.append(time.perf_counter() - start)
                 errors += not head.startswith(b"HTTP/1.1 200")
@@ -175,18 +178,56 @@ def serve_router(port: int, app_port: int) -> None:
     uvloop.run(run())
 
 
+_NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    upstream app {{ server {host}:{app_port}; keepalive 64; }}
+    server {{
+        listen {host}:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_argv(nginx: str, port: int, app_port: int, workdir: Path) -> list[str]:
+    """nginx as a reverse proxy with keep-alive upstream connections, its files all in `workdir`."""
+    workdir.mkdir(exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(dir=workdir, host=HOST, port=port, app_port=app_port))
+    return [nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "nginx-error.log")]
+
+
 @contextmanager
-def app_and_router(kind: str, logs: Path) -> Iterator[tuple[int, int]]:
-    """The app and a router in front of it, each in its own process; yields (app port, router port)."""
+def app_and_proxies(kind: str, logs: Path) -> Iterator[dict[str, int]]:
+    """The app and the proxies in front of it, each in its own process; yields each target's port."""
     env = {**os.environ, "PYTHONPATH": _pythonpath()}
-    app_port, router_port = free_port(), free_port()
+    ports = {"direct": free_port(), "router": free_port()}
     module = [sys.executable, "-m", "benchmarks.router"]
+    nginx = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
     with ExitStack() as stack:
-        stack.enter_context(server(f"{kind} app", [*module, "serve-app", kind, str(app_port)], logs / f"{kind}.log",
-                                   app_port, env))
-        stack.enter_context(server("router", [*module, "serve-router", str(router_port), str(app_port)],
-                                   logs / f"router-{kind}.log", router_port, env))
-        yield app_port, router_port
+        stack.enter_context(server(f"{kind} app", [*module, "serve-app", kind, str(ports["direct"])],
+                                   logs / f"{kind}.log", ports["direct"], env))
+        stack.enter_context(server("router", [*module, "serve-router", str(ports["router"]), str(ports["direct"])],
+                                   logs / f"router-{kind}.log", ports["router"], env))
+        if nginx:
+            ports["nginx"] = free_port()
+            argv = nginx_argv(nginx, ports["nginx"], ports["direct"], logs / f"nginx-{kind}")
+            stack.enter_context(server("nginx", argv, logs / f"nginx-{kind}.log", ports["nginx"]))
+        yield ports
 
 
 # --- the report ------------------------------------------------------------------------------------------
@@ -200,32 +241,40 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
             return wrk(wrk_path, port, args.connections, seconds, delay_ms, workdir)
         return python_load(port, args.connections, seconds, delay_ms)
 
-    def side_by_side(direct_port: int, router_port: int, delay_ms: int = 0) -> tuple[Sample, Sample]:
-        direct, routed = [], []
-        for _ in range(args.runs):  # alternate, so that drift in the machine hits both alike
-            direct.append(run(direct_port, args.duration, delay_ms))
-            routed.append(run(router_port, args.duration, delay_ms))
-        return median_sample(direct), median_sample(routed)
+    def side_by_side(ports: dict[str, int], delay_ms: int = 0) -> dict[str, Sample]:
+        samples: dict[str, list[Sample]] = {name: [] for name in ports}
+        for _ in range(args.runs):  # alternate, so that drift in the machine hits every target alike
+            for name, port in ports.items():
+                samples[name].append(run(port, args.duration, delay_ms))
+        return {name: median_sample(runs) for name, runs in samples.items()}
 
-    with app_and_router(kind, workdir) as (app_port, router_port):
-        run(app_port, 1)
-        run(router_port, 1)
-        direct, routed = side_by_side(app_port, router_port)
-        rate = routed.rps / 2
+    with app_and_proxies(kind, workdir) as ports:
+        for port in ports.values():
+            run(port, 1)
+        saturated = side_by_side(ports)
+        rate = min(saturated["direct"].rps, saturated["router"].rps) / 2
         delay_ms = max(1, round(args.connections / rate * 1000))
-        paced_direct, paced_routed = side_by_side(app_port, router_port, delay_ms)
+        paced = side_by_side(ports, delay_ms)
+    direct, paced_direct = saturated["direct"], paced["direct"]
+    proxies = [name for name in ports if name != "direct"]
+    generator = "wrk" if wrk_path else "Python load generator"
     lines = [
-        f"{kind} app, {args.connections} connections, {'wrk' if wrk_path else 'Python load generator'}, "
-        f"median of {args.runs} x {args.duration:g}s",
+        f"{kind} app, {args.connections} connections, {generator}, median of {args.runs} x {args.duration:g}s",
         f"  saturation  direct {direct.rps:9.0f} req/s  p50 {direct.p50_ms:6.2f} ms  p99 {direct.p99_ms:6.2f} ms",
-        f"              router {routed.rps:9.0f} req/s  p50 {routed.p50_ms:6.2f} ms  p99 {routed.p99_ms:6.2f} ms"
-        f"  ratio {routed.rps / direct.rps:.2f}",
-        f"  paced ~{args.connections * 1000 / delay_ms:.0f} req/s  direct p50 {paced_direct.p50_ms:6.2f} ms  "
-        f"p99 {paced_direct.p99_ms:6.2f} ms",
-        f"              router p50 {paced_routed.p50_ms:6.2f} ms  p99 {paced_routed.p99_ms:6.2f} ms  "
-        f"added p99 {paced_routed.p99_ms - paced_direct.p99_ms:+.2f} ms",
     ]
-    errors = direct.errors + routed.errors + paced_direct.errors + paced_routed.errors
+    for name in proxies:
+        sample = saturated[name]
+        lines.append(f"              {name:6} {sample.rps:9.0f} req/s  p50 {sample.p50_ms:6.2f} ms  "
+                     f"p99 {sample.p99_ms:6.2f} ms  ratio {sample.rps / direct.rps:.2f}")
+    lines.append(f"  paced ~{args.connections * 1000 / delay_ms:.0f} req/s  direct p50 {paced_direct.p50_ms:6.2f} ms  "
+                 f"p99 {paced_direct.p99_ms:6.2f} ms")
+    for name in proxies:
+        sample = paced[name]
+        lines.append(f"              {name:6} p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  "
+                     f"added p99 {sample.p99_ms - paced_direct.p99_ms:+.2f} ms")
+    if "nginx" not in ports:
+        lines.append("  (nginx not installed: no reference proxy)")
+    errors = sum(s.errors for s in [*saturated.values(), *paced.values()])
     if errors:
         lines.append(f"  {errors} failed requests")
     return lines
@@ -235,8 +284,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench router", description=__doc__.splitlines()[0])
     parser.add_argument("--apps", nargs="+", choices=APPS, default=list(APPS), help="apps to put behind the router")
     parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections (default 32)")
-    parser.add_argument("--duration", type=float, default=5, help="seconds per run (default 5)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per measurement, median reported (default 3)")
+    parser.add_argument("--duration", type=float, default=4, help="seconds per run (default 4)")
+    parser.add_argument("--runs", type=int, default=7, help="runs per measurement, median reported (default 7)")
     sub = parser.add_subparsers(dest="command", help="the benchmark's own processes (internal)")
     app = sub.add_parser("serve-app")
     app.add_argument("kind", choices=APPS)
