@@ -18,6 +18,7 @@ import uvicorn
 
 from gitd import __version__
 from gitd.apps import AppRegistry
+from gitd.data_dir_lock import DataDirLock
 from gitd.database import open_state
 from gitd.deploy_management import DeployServices
 from gitd.git.git_service import GitService
@@ -114,7 +115,10 @@ class Daemon:
         self.settings = settings
         user = app_user_for(settings.app_user)
         self.apps_root = settings.apps_root(lambda path: user is None or user.can_search(str(path)))
-        for path in (settings.data_dir, settings.repos_dir, settings.run_dir, self.apps_root, settings.logs_dir):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = DataDirLock(settings.data_dir)
+        self.lock.acquire()
+        for path in (settings.repos_dir, settings.run_dir, self.apps_root, settings.logs_dir):
             path.mkdir(parents=True, exist_ok=True)
         if settings.database_url is None:
             keep_private(settings.data_dir / "state.db")
@@ -217,7 +221,11 @@ class Daemon:
 
 def serve(settings: Settings) -> None:
     async def main() -> None:
-        await Daemon(settings).run()
+        daemon = Daemon(settings)
+        try:
+            await daemon.run()
+        finally:
+            daemon.lock.release()
 
     try:
         import uvloop

@@ -255,6 +255,20 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, busy: str) -> None:
     assert "serving" not in result.stdout
 
 
+def test_second_daemon_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with running(tmp_path, *loopback_args(data), http_port=free_port()) as first:
+        result = subprocess.run([*DEVFLOW, "up", "--host", "127.0.0.1", "--http-port", str(free_port()),
+                                 *loopback_args(data)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert_one_error_line(result, f"another daemon (pid {first.proc.pid})", str(data), "--data-dir")
+        assert "serving" not in result.stdout
+        assert httpx.get(first.http + "/healthz").status_code == 200
+        assert stop(first.proc) == 0
+    # Freed with the process: the next daemon starts.
+    with running(tmp_path, *loopback_args(data), http_port=free_port(), name="again") as again:
+        assert stop(again.proc) == 0
+
+
 @pytest.mark.parametrize("args, env, fragments", [
     (("--ssh-port", "99999"), {}, ("ssh_port", "65535")),
     (("--http-port", "-1"), {}, ("http_port", "0")),
