@@ -179,7 +179,7 @@ class Daemon:
         await self.hooks.start()
         try:
             ssh = await start_ssh_server(
-                s.host, s.ssh_port, self.host_key, self.directory, SessionHandler(self.git, self.management_for),
+                s.host, s.ssh_port, self.host_key, self.directory, SessionHandler(self.git, self.directory, self.management_for),
             )
         except OSError as exc:
             raise cannot_listen(s.host, s.ssh_port, exc) from None

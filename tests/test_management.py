@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,34 @@ def test_ssh_keys_add_list_remove(cgit_daemon: Daemon) -> None:
     assert added["fingerprint"] not in ok(d.ssh("keys:list"))
     assert d.ssh("whoami", key=second).returncode == 255  # the server now refuses the key
     assert_ssh_error(d.ssh("keys:remove", added["fingerprint"]), "no key with fingerprint")
+
+
+def test_removed_key_loses_access_on_a_connection_kept_open(cgit_daemon: Daemon) -> None:
+    """ssh's ControlMaster keeps one connection for many commands; each command checks the key again."""
+    d = cgit_daemon
+    key = d.add_user("multiplexer")
+    fp = ssh_keygen_fingerprint(key.with_suffix(".pub"))
+    control = d.work / "cm.sock"
+    base = [*d.ssh_command(key).split(), "-o", f"ControlPath={control}"]
+    master = subprocess.Popen([*base, "-o", "ControlMaster=yes", "-N", "git@127.0.0.1"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(300):
+            assert master.poll() is None, master.stderr.read() if master.stderr else ""
+            if control.exists():
+                break
+            time.sleep(0.1)
+        through_master = [*base, "-o", "ControlMaster=no", "git@127.0.0.1", "whoami", "--json"]
+        first = subprocess.run(through_master, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert json.loads(ok(first))["name"] == "multiplexer"
+
+        ok(d.ssh("keys:remove", fp))
+        refused = subprocess.run(through_master, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert refused.returncode == 255 and "this SSH key was removed" in refused.stderr, refused
+        master.wait(timeout=30)  # the server closed the connection the removed key opened
+    finally:
+        master.kill()
+        master.communicate(timeout=30)
 
 
 def test_ssh_non_admin_keys_only_for_themselves(cgit_daemon: Daemon) -> None:

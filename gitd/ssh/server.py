@@ -36,6 +36,7 @@ class AuthServer(asyncssh.SSHServer):
         self.directory = directory
         self.conn: asyncssh.SSHServerConnection | None = None
         self._candidate: Actor | None = None
+        self._key: asyncssh.SSHKey | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -51,11 +52,12 @@ class AuthServer(asyncssh.SSHServer):
         # trusted when auth_completed() follows, which asyncssh does only after it checked
         # the signature of the request that called this last.
         self._candidate = await asyncio.to_thread(self.directory.actor_for_key, key)
+        self._key = key
         return self._candidate is not None
 
     def auth_completed(self) -> None:
         assert self.conn is not None and self._candidate is not None
-        self.conn.set_extra_info(devflow_actor=self._candidate)
+        self.conn.set_extra_info(devflow_key=self._key)
         log.info("ssh: %s authenticated (%s) from %s", self._candidate.name, self._candidate.via,
                  self.conn.get_extra_info("peername"))
 

@@ -12,6 +12,7 @@ import asyncssh
 from gitd.commands import table
 from gitd.errors import DevflowError
 from gitd.git.git_service import GitService
+from gitd.identity.directory import Directory
 from gitd.identity.roles import Actor
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,20 @@ async def client_bytes(process: asyncssh.SSHServerProcess) -> AsyncIterator[byte
 
 
 class SessionHandler:
-    def __init__(self, git: GitService, management_for) -> None:
+    def __init__(self, git: GitService, directory: Directory, management_for) -> None:
         self.git = git
+        self.directory = directory
         self.management_for = management_for  # Actor -> Management
 
     async def handle(self, process: asyncssh.SSHServerProcess) -> None:
-        actor: Actor = process.get_extra_info("devflow_actor")
+        # Each command looks its key up again: a connection kept open (ssh ControlMaster) must not keep a
+        # removed key's access, or a role its user has lost since.
+        actor = await asyncio.to_thread(self.directory.actor_for_key, process.get_extra_info("devflow_key"))
+        if actor is None:
+            process.stderr.write(b"error: this SSH key was removed from DevFlow; reconnect with a registered key\n")
+            process.exit(255)
+            process.channel.get_connection().close()
+            return
         try:
             status = await self._dispatch(process, actor)
         except DevflowError as exc:
