@@ -23,7 +23,7 @@ def _settings(args: argparse.Namespace):
     from gitd.settings import Settings
 
     fields = ("data_dir", "host", "ssh_port", "http_port", "router_port", "domain", "git_backend", "max_push_bytes",
-              "apps_dir", "extra_ca_certs", "app_user", "max_concurrent_builds")
+              "apps_dir", "extra_ca_certs", "app_user", "max_concurrent_builds", "log_max_bytes")
     given = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     try:
         return Settings(**given)
@@ -83,7 +83,8 @@ def cmd_stop_apps(args: argparse.Namespace) -> int:
     from runtime.process_logs import ProcessLogs
 
     settings = _settings(args)
-    scheduler = LocalScheduler(settings.run_dir / "processes", ProcessLogs(settings.logs_dir), cgroups=Cgroups())
+    scheduler = LocalScheduler(settings.run_dir / "processes", ProcessLogs(settings.logs_dir, settings.log_max_bytes),
+                               cgroups=Cgroups())
     instances = [i for i in scheduler.instances() if i.alive()]
 
     async def stop_all() -> None:
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PEM file of CA certificates builds trust besides the system's (TLS-intercepting proxies)")
     up.add_argument("--app-user", help="user builds and apps run as when the daemon runs as root (default nobody)")
     up.add_argument("--max-concurrent-builds", type=int, help="builds at once over all apps (default 2)")
+    up.add_argument("--log-max-bytes", type=int, help="an app's log is rotated past this size (default 16 MiB)")
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     up.set_defaults(run=cmd_up)
 

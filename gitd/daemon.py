@@ -136,7 +136,7 @@ class Daemon:
         )
         self.receiver = PushReceiver()
         self.router = BuiltinRouter(settings.host, settings.router_port)
-        logs = ProcessLogs(settings.logs_dir)
+        logs = ProcessLogs(settings.logs_dir, settings.log_max_bytes)
         scheduler = LocalScheduler(settings.run_dir / "processes", logs, user=user, cgroups=Cgroups())
         self.rollout = Rollout(scheduler, self.router, logs)
         deploy_settings = DeploySettings(sessions)

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     app_user: str = "nobody"
     # Where builds and dependency caches live; they must be reachable by the app user.
     apps_dir: Path | None = None
+    # An app's log is rotated to app.log.1 past this size, so one app keeps at most twice it on disk.
+    log_max_bytes: int = Field(default=16 * 1024**2, ge=64 * 1024)
 
     @field_validator("extra_ca_certs")
     @classmethod

@@ -273,8 +273,9 @@ def test_second_daemon_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
     (("--ssh-port", "99999"), {}, ("ssh_port", "65535")),
     (("--http-port", "-1"), {}, ("http_port", "0")),
     (("--max-push-bytes", "-5"), {}, ("max_push_bytes",)),
+    (("--log-max-bytes", "1000"), {}, ("log_max_bytes", "65536")),
     ((), {"DEVFLOW_HTTP_PORT": "eighty"}, ("http_port", "integer")),
-], ids=["ssh-port-too-big", "negative-http-port", "negative-push-limit", "env-not-a-number"])
+], ids=["ssh-port-too-big", "negative-http-port", "negative-push-limit", "tiny-log-limit", "env-not-a-number"])
 def test_bad_settings_are_refused_before_anything_starts(tmp_path: Path, args: tuple[str, ...], env: dict,
                                                           fragments: tuple[str, ...]) -> None:
     data = tmp_path / "data"

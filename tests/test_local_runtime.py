@@ -118,3 +118,25 @@ def test_run_once_times_out_and_kills_the_group(scheduler: LocalScheduler, tmp_p
                                           {"PATH": os.environ["PATH"]}, lines.append, timeout=0.5))
     assert code != 0
     assert lines == ["release did not finish within 0.5s; stopped"]
+
+
+def test_a_chatty_process_keeps_its_log_bounded(tmp_path: Path) -> None:
+    (tmp_path / "chatty").mkdir()
+    (tmp_path / "chatty" / "chatty.py").write_text(
+        "import time\nfor n in range(3000):\n    print('chatter', n, flush=True)\nprint('done', flush=True)\n"
+        "time.sleep(600)\n")
+    limit = 16 * 1024
+    sched = LocalScheduler(tmp_path / "run", ProcessLogs(tmp_path / "logs", max_bytes=limit), stop_timeout=3)
+    instance = asyncio.run(sched.start("chatty", 1, "worker", 1, f"{sys.executable} chatty.py", tmp_path / "chatty",
+                                       {"PATH": os.environ["PATH"]}, free_port()))
+    try:
+        assert wait_for(lambda: any(line.endswith("| done") for line in sched.logs.tail("chatty", 5)))
+        current = sched.logs.path("chatty")
+        previous = current.with_name("app.log.1")
+        assert previous.exists()
+        assert current.stat().st_size <= limit + 200 and previous.stat().st_size <= limit + 200
+        kept = [line for line in sched.logs.tail("chatty", 0) if "| chatter" in line]
+        numbers = [int(line.rsplit(" ", 1)[1]) for line in kept]
+        assert numbers == list(range(3000 - len(numbers), 3000))  # the newest lines, none lost between files
+    finally:
+        asyncio.run(sched.stop(instance))

@@ -102,7 +102,8 @@ class LocalScheduler:
         spec = {
             "app": app, "version": version, "process_type": process_type, "index": index, "port": port,
             "name": instance.name, "command": command, "cwd": str(cwd), "env": env,
-            "log": str(self.logs.path(app)), "status": str(directory / "status.json"),
+            "log": str(self.logs.path(app)), "log_max_bytes": self.logs.max_bytes,
+            "status": str(directory / "status.json"),
             "user": self.user.name if self.user else None, "rlimits": rlimits, "cgroup_procs": cgroup_procs,
             "limits": limits.as_dict(), "stop_timeout": self.stop_timeout,
         }

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from runtime.local.app_user import AppUser
-
+from runtime.rotating_log import DEFAULT_MAX_BYTES, RotatingLog
 
 PR_SET_PDEATHSIG = 1
 LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
@@ -38,7 +38,7 @@ class Supervisor:
         self.spec = spec
         self.name: str = spec["name"]
         self.status_path = Path(spec["status"])
-        self.log = open(spec["log"], "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+        self.log = RotatingLog(Path(spec["log"]), spec.get("log_max_bytes", DEFAULT_MAX_BYTES))
         self.stopping = False
         self.child: subprocess.Popen | None = None
         self.pump: threading.Thread | None = None
