@@ -479,6 +479,28 @@ def test_agent_forwarding_is_refused(cgit_daemon: Daemon) -> None:
     assert answer is False and status == 1
 
 
+def test_slow_commands_do_not_stall_logins(cgit_daemon: Daemon) -> None:
+    """Ten commands waiting on their stdin hold ten command threads; logins and commands still go through."""
+    d = cgit_daemon
+
+    async def run() -> tuple[int | None, bytes]:
+        async with asyncssh.connect("127.0.0.1", d.ssh_port, username="git", client_keys=[str(d.admin_key)],
+                                    known_hosts=None, agent_path=None) as conn:
+            waiting = [await conn.create_process("keys:add", encoding=None) for _ in range(10)]
+            try:
+                whoami = await asyncio.wait_for(
+                    asyncio.to_thread(d.ssh, "whoami"), 60)  # a new connection: login, key lookup, command
+                return whoami.returncode, whoami.stdout.encode()
+            finally:
+                for process in waiting:
+                    process.stdin.write_eof()
+                for process in waiting:
+                    await process.wait()
+
+    status, out = asyncio.run(asyncio.wait_for(run(), 120))
+    assert status == 0 and b"admin" in out
+
+
 def test_offered_but_unproven_key_never_authenticates(cgit_daemon: Daemon) -> None:
     """GHSA-pchf-49fh-w34r: a key the server said PK_OK to must not become the session's user."""
     d = cgit_daemon

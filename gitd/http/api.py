@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -12,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gitd.commands.command_threads import run_command
 from gitd.errors import DevflowError, InvalidInput
 from gitd.http.auth import authenticate
 from gitd.identity.directory import Directory
@@ -86,7 +86,7 @@ def api_routes(directory: Directory, management_for: Callable[[Actor], Managemen
             try:
                 actor = await authenticate(request, directory)
                 body = await _json_body(request)
-                result = await asyncio.to_thread(handler, management_for(actor), request, body)
+                result = await run_command(handler, management_for(actor), request, body)
             except DevflowError as exc:
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             return JSONResponse(result, status_code=status)

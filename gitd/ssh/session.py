@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import asyncssh
 
 from gitd.commands import table
+from gitd.commands.command_threads import run_command
 from gitd.errors import DevflowError
 from gitd.git.git_service import GitService
 from gitd.identity.directory import Directory
@@ -153,6 +154,6 @@ class SessionHandler:
         def read_stdin() -> str:
             return asyncio.run_coroutine_threadsafe(read_all(), loop).result().decode("utf-8", "replace")
 
-        output = await asyncio.to_thread(table.run, argv, self.management_for(actor), read_stdin)
+        output = await run_command(table.run, argv, self.management_for(actor), read_stdin)
         process.stdout.write(output.encode())
         return 0
