@@ -174,12 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _follow_logs(argv: list[str]) -> int:
+    """`devflow logs APP -f`: print lines as they come until Ctrl-C."""
+    args = table.parser_for(table.BY_NAME["logs"]).parse_args(argv[1:])
+    for line in _api_client().follow_logs(args.app, args.tail, args.process):
+        print(line, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] == "help":
             sys.stdout.write(table.usage())
             return 0
+        if argv and argv[0] == "logs" and {"-f", "--follow"} & set(argv):
+            return _follow_logs(argv)
         if argv and argv[0] in table.BY_NAME:
             sys.stdout.write(table.run(argv, _api_client(), sys.stdin.read))
             return 0

@@ -6,10 +6,11 @@ to the daemon's event loop through `run`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,14 @@ class DeployManagement:
     def logs(self, app: str, tail: int = 100, process: str | None = None) -> list[str]:
         self.apps.authorize(self.actor, app, Role.READ)
         return self.deploys.deployments.logs.tail(app, tail, process)
+
+    async def follow_logs(self, app: str, process: str | None = None,
+                          stop: Callable[[], bool] = lambda: False) -> AsyncIterator[str]:
+        """`logs -f` after `logs`: new lines as they are written, until `stop()` or the reader goes away.
+        Runs on the daemon's loop, not in a command thread: it lasts as long as the reader."""
+        await asyncio.to_thread(self.apps.authorize, self.actor, app, Role.READ)
+        async for line in self.deploys.deployments.logs.follow(app, process, stop=stop):
+            yield line
 
     def resources(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.READ)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -11,8 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from conftest import Daemon, commit, launch, start_daemon, stop_app_processes, stop_daemon
+from conftest import (
+    DEVFLOW,
+    ROOT,
+    Daemon,
+    commit,
+    launch,
+    start_daemon,
+    stop_app_processes,
+    stop_daemon,
+)
 
 APPS = Path(__file__).parent / "apps"
 
@@ -154,6 +164,48 @@ def test_workers_release_phase_and_scale(live: Daemon) -> None:
             break
         time.sleep(0.1)
     assert "worker.1 | worker tick" in live.ssh("logs", "wk", "--process", "worker").stdout
+
+
+def _ticks_from(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """Run a following `logs` client until it has shown two new worker ticks; then stop it."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the worker ticks every second: bounded by the fixture, not by a clock
+            if "| worker tick" in line:
+                seen.append(line.rstrip("\n"))
+            if len(seen) >= 12:
+                break
+    finally:
+        proc.kill()
+        _, errors = proc.communicate(timeout=30)
+    assert seen, errors
+    return seen
+
+
+def test_logs_follow_over_ssh_cli_and_api(live: Daemon) -> None:
+    repo = app_repo(live, "workers", "follow")
+    push(live, repo, "follow")
+    assert live.ssh("ps:scale", "follow", "web=1", "worker=1").returncode == 0
+    cli_env = {**os.environ, "DEVFLOW_URL": live.http, "DEVFLOW_TOKEN": live.token,
+               "XDG_CONFIG_HOME": str(live.work / "no-config")}
+    for argv, env in (([*live.ssh_command().split(), "git@127.0.0.1", "logs", "follow", "-f", "-n", "1",
+                        "--process", "worker"], None),
+                      ([*DEVFLOW, "logs", "follow", "--follow", "--tail", "1", "-p", "worker"], cli_env)):
+        ticks = _ticks_from(argv, env)
+        numbers = [int(line.rsplit(" ", 1)[1]) for line in ticks]
+        # One line of tail, then the ticks as the worker prints them: in order, none missing.
+        assert len(numbers) >= 12 and numbers == list(range(numbers[0], numbers[0] + len(numbers))), ticks
+        assert all("worker.1 | worker tick" in line for line in ticks)
+
+    with live.api() as api:
+        missing = api.get("apps/no-such-app/logs", params={"follow": "1"})
+        assert missing.status_code == 404 and "error" in missing.json()
+    refused = subprocess.run([*DEVFLOW, "logs", "follow", "-f"], capture_output=True, text=True, cwd=ROOT,
+                             env={**cli_env, "DEVFLOW_TOKEN": "not-a-token"}, timeout=60)
+    assert refused.returncode == 1 and refused.stderr.startswith("devflow: "), refused.stderr
 
 
 def test_healthchecks_and_deploy_hooks(live: Daemon) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -24,12 +25,16 @@ class ApiClient:
         except httpx.HTTPError as exc:
             raise DevflowError(f"cannot reach the DevFlow daemon at {self.http.base_url}: {exc}") from None
         if response.status_code >= 400:
-            try:
-                message = response.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {response.status_code}: {response.text[:200]}"
-            raise ERRORS.get(response.status_code, DevflowError)(message)
+            self._raise_for(response)
         return response.json()
+
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> None:
+        try:
+            message = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {response.status_code}: {response.text[:200]}"
+        raise ERRORS.get(response.status_code, DevflowError)(message)
 
     def whoami(self) -> dict:
         return self._call("GET", "whoami")
@@ -117,6 +122,19 @@ class ApiClient:
 
     def logs(self, app: str, tail: int = 100, process: str | None = None) -> list[str]:
         return self._call("GET", self._app(app, "/logs"), params={"tail": tail, "process": process})
+
+    def follow_logs(self, app: str, tail: int = 100, process: str | None = None) -> Iterator[str]:
+        """The tail, then lines as the daemon writes them; ends only when the daemon closes the stream."""
+        params = {k: v for k, v in {"follow": "1", "tail": tail, "process": process}.items() if v is not None}
+        try:
+            with self.http.stream("GET", self._app(app, "/logs"), params=params,
+                                  timeout=httpx.Timeout(30, read=None)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response)
+                yield from response.iter_lines()
+        except httpx.HTTPError as exc:
+            raise DevflowError(f"lost the log stream from {self.http.base_url}: {exc}") from None
 
     def resources(self, app: str) -> dict:
         return self._call("GET", self._app(app, "/resources"))

@@ -115,7 +115,7 @@ COMMANDS: list[Command] = [
     Command("ps:stop", "stop an app's processes", lambda ops, a, s: ops.ps_stop(a.app), [APP]),
     Command("ps:start", "start an app's processes at its live release", lambda ops, a, s: ops.ps_start(a.app),
             [APP]),
-    Command("logs", "show an app's build and process logs (-f to follow, over SSH)",
+    Command("logs", "show an app's build and process logs (-f to follow)",
             lambda ops, a, s: ops.logs(a.app, a.tail, a.process),
             [APP, arg("-f", "--follow", action="store_true"), arg("-p", "--process"),
              arg("-n", "--tail", type=int, default=100)],

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gitd.commands.command_threads import run_command
@@ -93,6 +93,32 @@ def api_routes(directory: Directory, management_for: Callable[[Actor], Managemen
 
         return run
 
+    async def follow_logs(request: Request) -> Response:
+        """`?follow=1`: the tail, then new lines as they are written, streamed until the client hangs up."""
+        try:
+            actor = await authenticate(request, directory)
+            app, process = request.path_params["app"], request.query_params.get("process")
+            tail = _int(request.query_params.get("tail"), 100)
+            management = management_for(actor)
+            recent = await run_command(management.logs, app, tail, process)
+        except DevflowError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+        async def body() -> AsyncIterator[str]:
+            yield "".join(line + "\n" for line in recent)
+            async for line in management.follow_logs(app, process):
+                yield line + "\n"
+
+        return StreamingResponse(body(), media_type="text/plain; charset=utf-8",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    tail_logs = endpoint(lambda m, r, b: m.logs(p(r, "app"), _int(q(r, "tail"), 100), q(r, "process")))
+
+    async def logs(request: Request) -> Response:
+        if request.query_params.get("follow") in ("1", "true"):
+            return await follow_logs(request)
+        return await tail_logs(request)
+
     def p(request: Request, name: str) -> str:
         return request.path_params[name]
 
@@ -124,8 +150,7 @@ def api_routes(directory: Directory, management_for: Callable[[Actor], Managemen
         Route("/api/apps/{app}/formation", endpoint(lambda m, r, b: m.ps_scale(p(r, "app"), _strings(b, "scale"))),
               methods=["PATCH"]),
         Route("/api/apps/{app}/processes/{action:str}", endpoint(_process_action), methods=["POST"]),
-        Route("/api/apps/{app}/logs", endpoint(lambda m, r, b: m.logs(p(r, "app"), _int(q(r, "tail"), 100),
-                                                                       q(r, "process")))),
+        Route("/api/apps/{app}/logs", logs),
         Route("/api/apps/{app}/resources", endpoint(lambda m, r, b: m.resources(p(r, "app")))),
         Route("/api/apps/{app}/resources", endpoint(lambda m, r, b: m.resources_set(p(r, "app"), _strings(b, "set"))),
               methods=["PUT"]),

@@ -133,9 +133,9 @@ class SessionHandler:
         """`logs APP -f`: the tail, then new lines as they come, until the client hangs up."""
         args = table.parser_for(table.BY_NAME["logs"]).parse_args(argv[1:])
         management = self.management_for(actor)
-        for line in await asyncio.to_thread(management.logs, args.app, args.tail, args.process):
+        for line in await run_command(management.logs, args.app, args.tail, args.process):
             process.stdout.write(line.encode() + b"\n")
-        async for line in management.deploys.deployments.logs.follow(args.app, args.process, stop=process.is_closing):
+        async for line in management.follow_logs(args.app, args.process, stop=process.is_closing):
             process.stdout.write(line.encode() + b"\n")
             await process.stdout.drain()
         return 0
