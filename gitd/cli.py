@@ -23,7 +23,7 @@ def _settings(args: argparse.Namespace):
     from gitd.settings import Settings
 
     fields = ("data_dir", "host", "ssh_port", "http_port", "router_port", "domain", "git_backend", "max_push_bytes",
-              "apps_dir", "extra_ca_certs", "app_user", "max_concurrent_builds", "log_max_bytes")
+              "apps_dir", "extra_ca_certs", "app_user", "app_uid_base", "max_concurrent_builds", "log_max_bytes")
     given = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     try:
         return Settings(**given)
@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--apps-dir", type=Path, help="builds and dependency caches (default DATA_DIR/apps)")
     up.add_argument("--extra-ca-certs", type=Path,
                     help="PEM file of CA certificates builds trust besides the system's (TLS-intercepting proxies)")
-    up.add_argument("--app-user", help="user builds and apps run as when the daemon runs as root (default nobody)")
+    up.add_argument("--app-user", help="run every app's builds and processes as this user (root daemons; "
+                                       "default: a uid of its own per app)")
+    up.add_argument("--app-uid-base", type=int, help="first of the per-app uids (default 700000000)")
     up.add_argument("--max-concurrent-builds", type=int, help="builds at once over all apps (default 2)")
     up.add_argument("--log-max-bytes", type=int, help="an app's log is rotated past this size (default 16 MiB)")
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

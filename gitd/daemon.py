@@ -38,6 +38,7 @@ from gitd.settings import Settings
 from gitd.ssh.server import load_or_create_host_key, start_ssh_server
 from gitd.ssh.session import SessionHandler
 from pipeline import MIGRATIONS as PIPELINE_MIGRATIONS
+from pipeline.app_uids import AppUids
 from pipeline.builders.native_impl import NativeBuilder
 from pipeline.config_vars import ConfigVars
 from pipeline.deploy_settings import DeploySettings
@@ -45,7 +46,7 @@ from pipeline.deployments import Deployments, Platform
 from pipeline.release_ledger import ReleaseLedger
 from receivers.deploys import DeployOnPush
 from receivers.push_receiver import PushReceiver
-from runtime.local.app_user import app_user_for
+from runtime.local.app_user import app_users
 from runtime.local.cgroups import Cgroups
 from runtime.local.scheduler import LocalScheduler
 from runtime.process_logs import ProcessLogs
@@ -113,8 +114,9 @@ def keep_private(db: Path) -> None:
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        user = app_user_for(settings.app_user)
-        self.apps_root = settings.apps_root(lambda path: user is None or user.can_search(str(path)))
+        # Any app user will do to check the apps directory is reachable: none of them owns its parents.
+        probe = app_users(settings.app_user, lambda app: settings.app_uid_base)
+        self.apps_root = settings.apps_root(lambda path: probe is None or probe("").can_search(str(path)))
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.lock = DataDirLock(settings.data_dir)
         self.lock.acquire()
@@ -128,6 +130,7 @@ class Daemon:
             private.chmod(0o700)
         self.apps_root.chmod(0o711)
         sessions = open_state(settings.state_url, PIPELINE_MIGRATIONS)
+        users = app_users(settings.app_user, AppUids(sessions, settings.app_uid_base).uid_for)
         self.directory = Directory(sessions)
         self.apps = AppRegistry(sessions, Repositories(settings.repos_dir))
         self.backend = choose_backend(
@@ -137,12 +140,12 @@ class Daemon:
         self.receiver = PushReceiver()
         self.router = BuiltinRouter(settings.host, settings.router_port)
         logs = ProcessLogs(settings.logs_dir, settings.log_max_bytes)
-        scheduler = LocalScheduler(settings.run_dir / "processes", logs, user=user, cgroups=Cgroups())
+        scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups())
         self.rollout = Rollout(scheduler, self.router, logs)
         deploy_settings = DeploySettings(sessions)
         self.deployments = Deployments(
             sessions, ReleaseLedger(sessions), ConfigVars(sessions), deploy_settings,
-            NativeBuilder(settings.extra_ca_certs, preexec=scheduler.preexec, hand_over=scheduler.hand_over),
+            NativeBuilder(settings.extra_ca_certs),
             self.rollout, scheduler, logs,
             self.apps_root, Platform(settings.domain, settings.router_port),
             max_builds=settings.max_concurrent_builds,

@@ -32,8 +32,10 @@ class Settings(BaseSettings):
     extra_ca_certs: Path | None = None
     # Builds running at once, over all apps.
     max_concurrent_builds: int = Field(default=2, ge=1, le=64)
-    # Unix user builds and app processes run as when the daemon runs as root.
-    app_user: str = "nobody"
+    # When the daemon runs as root, each app's builds and processes run as a uid of their own, counted up
+    # from app_uid_base; naming an app_user runs every app as that one user instead.
+    app_user: str | None = None
+    app_uid_base: int = Field(default=700_000_000, ge=1000, le=4_000_000_000)
     # Where builds and dependency caches live; they must be reachable by the app user.
     apps_dir: Path | None = None
     # An app's log is rotated to app.log.1 past this size, so one app keeps at most twice it on disk.

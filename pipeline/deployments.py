@@ -119,7 +119,7 @@ class Deployments:
 
     def _log_path(self, app: str, deployment_id: int) -> Path:
         path = self.workspace / app / "logs" / f"deploy-{deployment_id}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # build output is the app's business only
         return path
 
     def history(self, app: str, limit: int = 20) -> list[dict]:
@@ -200,11 +200,13 @@ class Deployments:
                 timings["detect"] = round(time.monotonic() - t, 3)
                 t = enter("build", "building")
                 cache = self.workspace / app / "cache"
-                await asyncio.to_thread(self.scheduler.hand_over_tree, build_dir)
+                sandbox = self.scheduler.sandbox(app)
+                if sandbox is not None:
+                    await asyncio.to_thread(sandbox.hand_over_tree, build_dir)
                 async with self._builds:
                     result = await self.builder.build(build_dir, detection, cache,
-                                                      {**self.scheduler.base_env(), "HOME": str(cache / "home")},
-                                                      lambda line: emit(f"       {line}"))
+                                                      {**self.scheduler.base_env(app), "HOME": str(cache / "home")},
+                                                      lambda line: emit(f"       {line}"), sandbox)
                 timings["build"] = round(time.monotonic() - t, 3)
                 processes = dict(result.processes)
                 release_command = processes.pop("release", None)
@@ -245,7 +247,7 @@ class Deployments:
         """Run the release phase, roll out, then record the release. Caller holds the app lock."""
         latest = self.ledger.latest(app)
         version = (latest.version if latest else 0) + 1
-        env = self._process_env(app, version, build_env, config, app_json)
+        env = self._process_env(app, version, artifact, build_env, config, app_json)
         cwd = Path(artifact)
         t = enter("release", "releasing")
         for name, command in (("release", release_command), ("predeploy", app_json.get("predeploy"))):
@@ -304,7 +306,8 @@ class Deployments:
             latest = self.ledger.latest(app)
             if latest is None:
                 return None
-            env = self._process_env(app, latest.version, latest.build_env, latest.config, latest.app_json)
+            env = self._process_env(app, latest.version, latest.artifact, latest.build_env, latest.config,
+                                    latest.app_json)
             try:
                 await self.rollout.deploy(self._spec(app, latest.version, Path(latest.artifact), latest.processes,
                                                      env, latest.app_json), say)
@@ -358,9 +361,10 @@ class Deployments:
 
     # helpers
 
-    def _process_env(self, app: str, version: int, build_env: dict[str, str], config: dict[str, str],
-                     app_json: dict) -> dict[str, str]:
-        env = {**self.scheduler.base_env(), **app_json.get("env", {}), **build_env, **config}
+    def _process_env(self, app: str, version: int, artifact: str, build_env: dict[str, str],
+                     config: dict[str, str], app_json: dict) -> dict[str, str]:
+        # HOME is the app's own directory, as on Heroku (/app): its uid may have no passwd entry to find one.
+        env = {**self.scheduler.base_env(app), "HOME": artifact, **app_json.get("env", {}), **build_env, **config}
         env.update(DEVFLOW_APP=app, DEVFLOW_RELEASE=f"v{version}", DEVFLOW_URL=self.platform.url(app))
         return env
 

@@ -23,6 +23,16 @@ class AppDeploySettings(Base):
     stopped: Mapped[bool] = mapped_column(default=False)  # ps:stop; stays stopped across restarts
 
 
+class AppUid(Base):
+    """The uid an app's builds and processes run as under a root daemon. Rows outlive their app, so a uid
+    is never handed to another app (files a destroyed app left in /tmp stay out of a new one's reach)."""
+
+    __tablename__ = "pipeline_app_uids"
+
+    app: Mapped[str] = mapped_column(String(63), primary_key=True)
+    uid: Mapped[int] = mapped_column(unique=True)
+
+
 class ConfigVar(Base):
     __tablename__ = "config_vars"
 

@@ -140,7 +140,7 @@ def start_daemon(tmp: Path, backend: str = "auto", extra_args: tuple[str, ...] =
     admin_key = keygen(work / "admin_key")
     devflow("keys", "add", "--admin", "--user", "admin", str(admin_key) + ".pub", "--data-dir", str(data))
     token = json.loads(devflow("tokens", "create", "--user", "admin", "--json", "--data-dir", str(data)).stdout)["token"]
-    # Builds must be reachable by the app user (nobody, under root), which pytest's 0700 tmp dirs are not.
+    # Builds must be reachable by the app users (under root), which pytest's 0700 tmp dirs are not.
     apps = Path(tempfile.mkdtemp(prefix="devflow-test-apps-"))
     apps.chmod(0o711)
     daemon = Daemon(data, work, free_port(), free_port(), free_port(), admin_key, token, None, tmp / "daemon.log",

@@ -269,6 +269,14 @@ def test_second_daemon_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
         assert stop(again.proc) == 0
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="--app-user only applies under a root daemon")
+def test_unknown_app_user_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run([*DEVFLOW, "up", "--host", "127.0.0.1", "--http-port", str(free_port()),
+                             "--app-user", "no-such-user-here", *loopback_args(tmp_path / "data")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert_one_error_line(result, "--app-user no-such-user-here", "no such user")
+
+
 @pytest.mark.parametrize("args, env, fragments", [
     (("--ssh-port", "99999"), {}, ("ssh_port", "65535")),
     (("--http-port", "-1"), {}, ("http_port", "0")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import pwd
 import shutil
 import subprocess
 import threading
@@ -449,3 +450,46 @@ def test_submodules_are_exported(live: Daemon) -> None:
     refused = live.git("push", f"{live.ssh_url}/nosy.git", "main", cwd=other, key=outsider, check=False)
     assert refused.returncode != 0
     assert "not an app you can read" in refused.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="apps run as uids of their own only under a root daemon")
+def test_each_app_runs_as_its_own_uid_and_cannot_read_another(live: Daemon) -> None:
+    push(live, app_repo(live, "stdlib", "victim"), "victim")
+    assert live.ssh("config:set", "victim", "SECRET=victim-only").returncode == 0
+    assert get(live, "victim", "/env/SECRET").text == "victim-only"
+    push(live, app_repo(live, "snoop", "snoop"), "snoop")
+
+    def snoop(path: str, what: str = "read") -> str:
+        return get(live, "snoop", f"/{what}", params={"path": path}).text
+
+    identity = get(live, "snoop").text.split()
+    uid, home = int(identity[1]), identity[5]
+    assert uid >= 700_000_000 and identity[3] == str(uid)
+    assert home.startswith(str(live.apps_dir / "snoop" / "builds"))
+    assert "DEVFLOW_APP=snoop" in snoop("/proc/self/environ")  # its own environment, yes
+
+    victim_pid = live.api().get("apps/victim/processes").json()[0]["pid"]
+    victim_uid = int(next(line.split()[1] for line in Path(f"/proc/{victim_pid}/status").read_text().splitlines()
+                          if line.startswith("Uid:")))
+    assert victim_uid >= 700_000_000 and victim_uid != uid
+    victim_build = next((live.apps_dir / "victim" / "builds").iterdir())
+    assert victim_build.stat().st_uid == victim_uid
+    # Another app's secrets, code, dependencies and build logs are out of reach.
+    assert snoop(f"/proc/{victim_pid}/environ") == "PermissionError"
+    assert snoop(str(victim_build / "app.py")) == "PermissionError"
+    assert snoop(str(live.apps_dir / "victim" / "cache"), "list") == "PermissionError"
+    victim_log = next((live.apps_dir / "victim" / "logs").glob("deploy-*.log"))
+    assert snoop(str(victim_log)) == "PermissionError"
+    # The uid stays with the app: a redeploy runs as the same one.
+    push(live, app_repo(live, "snoop", "snoop-again"), "snoop", "--force")
+    assert int(get(live, "snoop").text.split()[1]) == uid
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="--app-user only applies under a root daemon")
+def test_app_user_runs_every_app_as_one_named_user(tmp_path_factory) -> None:
+    d = start_daemon(tmp_path_factory.mktemp("shared-user"), extra_args=("--app-user", "nobody"))
+    try:
+        push(d, app_repo(d, "snoop", "shared"), "shared")
+        assert get(d, "shared").text.split()[1] == str(pwd.getpwnam("nobody").pw_uid)
+    finally:
+        stop_daemon(d)

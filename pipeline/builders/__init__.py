@@ -26,10 +26,24 @@ class BuildResult:
     env: dict[str, str] = field(default_factory=dict)
 
 
+class Sandbox(Protocol):
+    """The unprivileged user an app's build tools run as (runtime.local.app_user.AppUser)."""
+
+    @property
+    def preexec(self) -> Callable[[], None]:
+        """Runs in each tool's process before exec: switches to the user."""
+        ...
+
+    def hand_over(self, directory: Path) -> None:
+        """Create `directory` if missing and give it (not its contents) to the user."""
+        ...
+
+
 class Builder(Protocol):
     name: str
 
     async def build(self, src: Path, detection: Detection, cache: Path, env: dict[str, str],
-                    log: Callable[[str], None]) -> BuildResult:
-        """Build `src` in place; `cache` persists between builds of one app; every tool line goes to `log`."""
+                    log: Callable[[str], None], sandbox: Sandbox | None = None) -> BuildResult:
+        """Build `src` in place; `cache` persists between builds of one app; every tool line goes to `log`.
+        With a `sandbox` the tools run as its user (which owns `src` already); without, as the daemon."""
         ...

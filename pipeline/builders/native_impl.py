@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import static_server
-from pipeline.builders import BuildError, BuildResult
+from pipeline.builders import BuildError, BuildResult, Sandbox
 from pipeline.detect import NODE_LOCKFILES, Detection
 
 Log = Callable[[str], None]
@@ -97,14 +97,20 @@ class _PythonInstall:
     reads_source: bool = False  # local paths or the project itself: the result is not cacheable
 
 
+def _make_dir(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+
+
 class _Tools:
     """Runs build tools with the build's environment, streaming their output line by line."""
 
-    def __init__(self, env: dict[str, str], log: Log, timeout: float, preexec: Callable[[], None] | None) -> None:
+    def __init__(self, env: dict[str, str], log: Log, timeout: float, preexec: Callable[[], None] | None,
+                 hand_over: Callable[[Path], None]) -> None:
         self.env = env
         self.log = log
         self.timeout = timeout
         self.preexec = preexec
+        self.hand_over = hand_over
 
     def which(self, name: str, env: dict[str, str] | None = None) -> str | None:
         return shutil.which(name, path=(env or self.env).get("PATH", os.defpath))
@@ -175,20 +181,18 @@ class _Tools:
 class NativeBuilder:
     name = "native"
 
-    def __init__(self, extra_ca_file: Path | None = None, *, step_timeout: float = STEP_TIMEOUT,
-                 preexec: Callable[[], None] | None = None, hand_over: Callable[[Path], None] | None = None) -> None:
-        """`preexec` runs in every build tool's process before exec (the daemon drops to the app user
-        there); `hand_over` gives the app user a directory the builder created for the tools to write in."""
+    def __init__(self, extra_ca_file: Path | None = None, *, step_timeout: float = STEP_TIMEOUT) -> None:
         self.extra_ca_file = extra_ca_file
         self.step_timeout = step_timeout
-        self.preexec = preexec
-        self.hand_over = hand_over or (lambda path: path.mkdir(parents=True, exist_ok=True))
 
-    async def build(self, src: Path, detection: Detection, cache: Path, env: dict[str, str], log: Log) -> BuildResult:
+    async def build(self, src: Path, detection: Detection, cache: Path, env: dict[str, str], log: Log,
+                    sandbox: Sandbox | None = None) -> BuildResult:
         src, cache = src.resolve(), cache.resolve()
+        hand_over = sandbox.hand_over if sandbox is not None else _make_dir
         for directory in (cache, *(cache / name for name in CACHE_DIRS)):
-            self.hand_over(directory)
-        tools = _Tools(self._tool_env(env, cache), log, self.step_timeout, self.preexec)
+            hand_over(directory)
+        tools = _Tools(self._tool_env(env, cache), log, self.step_timeout,
+                       sandbox.preexec if sandbox is not None else None, hand_over)
         steps = {"node": self._node, "python": self._python, "go": self._go, "static": self._static}
         layers = [await steps[stack](src, detection, cache, tools) for stack in detection.stacks]
         processes = dict(detection.procfile) or _default_processes(layers)
@@ -376,7 +380,7 @@ class NativeBuilder:
             else:
                 tools.log(f"Installing Node.js dependencies from {inputs} with {manager}")
                 await asyncio.to_thread(shutil.rmtree, target, ignore_errors=True)
-                self.hand_over(target)
+                tools.hand_over(target)
                 (target / "package.json").write_bytes(manifest)
                 for name in copied:
                     shutil.copyfile(src / name, target / name)

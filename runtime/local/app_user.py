@@ -1,25 +1,48 @@
-"""The unprivileged user that builds and app processes run as when the daemon runs as root."""
+"""The unprivileged user an app's builds and processes run as when the daemon runs as root.
+
+By default every app gets a uid of its own (no /etc/passwd entry needed, as with containers run under an
+arbitrary uid): one app cannot read another's build, caches or process environment (/proc/PID/environ
+is readable by the same uid only). `--app-user NAME` runs every app as one named user instead.
+"""
 
 from __future__ import annotations
 
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from pathlib import Path
+
+PRIVATE = 0o700
 
 
 class AppUser:
-    def __init__(self, name: str) -> None:
-        entry = pwd.getpwnam(name)
+    def __init__(self, uid: int, gid: int, name: str) -> None:
+        self.uid = uid
+        self.gid = gid
         self.name = name
-        self.uid = entry.pw_uid
-        self.gid = entry.pw_gid
+
+    @classmethod
+    def named(cls, name: str) -> AppUser:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise SystemExit(f"devflow: --app-user {name}: there is no such user on this machine") from None
+        return cls(entry.pw_uid, entry.pw_gid, name)
+
+    @classmethod
+    def numbered(cls, uid: int) -> AppUser:
+        return cls(uid, uid, f"uid {uid}")
 
     def drop_privileges(self) -> None:
         """A preexec_fn: the child runs as this user, with no supplementary groups."""
         os.setgroups([])
         os.setgid(self.gid)
         os.setuid(self.uid)
+
+    @property
+    def preexec(self) -> Callable[[], None]:
+        return self.drop_privileges
 
     def _allowed(self, info: os.stat_result, bits: int) -> bool:
         if info.st_uid == self.uid:
@@ -42,21 +65,33 @@ class AppUser:
         """PATH without the directories this user cannot search (e.g. under a private /root)."""
         return os.pathsep.join(d for d in search_path.split(os.pathsep) if d and self.can_search(d))
 
-    def own(self, path: Path) -> None:
-        """Give one directory (not what is in it) to the user."""
-        os.chown(path, self.uid, self.gid, follow_symlinks=False)
+    def hand_over(self, directory: Path) -> None:
+        """A directory the user may write in, created if missing; only the directory itself changes owner,
+        and it becomes private to the user."""
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chown(directory, self.uid, self.gid, follow_symlinks=False)
+        directory.chmod(PRIVATE)
 
-    def own_tree(self, directory: Path) -> None:
-        """Give a tree root just wrote (a fresh export) to the user: builds and apps write where they run.
+    def hand_over_tree(self, directory: Path) -> None:
+        """A tree root just wrote (a fresh export): all of it to the user, the top private to it.
 
         fwalk with dir fds and no symlink following, so nothing in the tree can redirect a chown.
         """
-        self.own(directory)
+        self.hand_over(directory)
         for _, dirs, files, dir_fd in os.fwalk(directory, follow_symlinks=False):
             for name in dirs + files:
                 os.chown(name, self.uid, self.gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
-def app_user_for(name: str | None) -> AppUser | None:
-    """Only root switches users; anyone else runs apps as themselves."""
-    return AppUser(name) if name and os.getuid() == 0 else None
+AppUsers = Callable[[str], AppUser]
+"""App name -> the user its builds and processes run as."""
+
+
+def app_users(shared_name: str | None, uid_for: Callable[[str], int]) -> AppUsers | None:
+    """None unless root: anyone else runs apps as themselves. Root: one named user, else a uid per app."""
+    if os.getuid() != 0:
+        return None
+    if shared_name:
+        shared = AppUser.named(shared_name)
+        return lambda app: shared
+    return lambda app: AppUser.numbered(uid_for(app))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.local.app_user import AppUser
+from runtime.local.app_user import AppUser, AppUsers
 from runtime.local.cgroups import Cgroups, Limits
 from runtime.process_logs import ProcessLogs
 
@@ -81,11 +81,11 @@ class Instance:
 class LocalScheduler:
     name = "local"
 
-    def __init__(self, run_root: Path, logs: ProcessLogs, user: AppUser | None = None,
+    def __init__(self, run_root: Path, logs: ProcessLogs, users: AppUsers | None = None,
                  cgroups: Cgroups | None = None, stop_timeout: int = 10) -> None:
         self.run_root = run_root
         self.logs = logs
-        self.user = user
+        self.users = users
         self.cgroups = cgroups
         self.stop_timeout = stop_timeout
 
@@ -95,6 +95,7 @@ class LocalScheduler:
         directory.mkdir(parents=True)
         instance = Instance(app, version, process_type, index, port, directory)
         limits = limits or Limits()
+        user = self.sandbox(app)
         rlimits = {"RLIMIT_NOFILE": 65536}
         cgroup_procs = self.cgroups.create(instance.cgroup, limits) if self.cgroups else []
         if limits.memory and not cgroup_procs:
@@ -104,7 +105,7 @@ class LocalScheduler:
             "name": instance.name, "command": command, "cwd": str(cwd), "env": env,
             "log": str(self.logs.path(app)), "log_max_bytes": self.logs.max_bytes,
             "status": str(directory / "status.json"),
-            "user": self.user.name if self.user else None, "rlimits": rlimits, "cgroup_procs": cgroup_procs,
+            "user": {"uid": user.uid, "gid": user.gid} if user else None, "rlimits": rlimits, "cgroup_procs": cgroup_procs,
             "limits": limits.as_dict(), "stop_timeout": self.stop_timeout,
         }
         (directory / "spec.json").write_text(json.dumps(spec))
@@ -154,29 +155,19 @@ class LocalScheduler:
     def limits_enforcement(self) -> str:
         return self.cgroups.describe() if self.cgroups else "rlimits (memory only)"
 
-    def base_env(self) -> dict[str, str]:
-        """What every build and process starts from: the host's PATH as the app user can use it."""
+    def base_env(self, app: str) -> dict[str, str]:
+        """What every build and process of `app` starts from: the host's PATH as its user can use it."""
         env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
         env.setdefault("PATH", os.defpath)
         env.setdefault("LANG", "C.UTF-8")
-        if self.user is not None:
-            env["PATH"] = self.user.usable_path(env["PATH"])
+        user = self.sandbox(app)
+        if user is not None:
+            env["PATH"] = user.usable_path(env["PATH"])
         return env
 
-    def hand_over(self, directory: Path) -> None:
-        """A directory the app user may write in; created if missing. Only the directory itself changes owner."""
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.user is not None:
-            self.user.own(directory)
-
-    def hand_over_tree(self, directory: Path) -> None:
-        """A tree root just wrote, e.g. a fresh export: all of it to the app user."""
-        if self.user is not None:
-            self.user.own_tree(directory)
-
-    @property
-    def preexec(self) -> Callable[[], None] | None:
-        return self.user.drop_privileges if self.user is not None else None
+    def sandbox(self, app: str) -> AppUser | None:
+        """The user `app`'s builds and processes run as; None when the daemon is not root (no switch)."""
+        return self.users(app) if self.users is not None else None
 
     async def run_once(self, app: str, name: str, command: str, cwd: Path, env: dict[str, str],
                        say: Callable[[str], None], timeout: float = RUN_ONCE_TIMEOUT) -> int:
@@ -188,7 +179,7 @@ class LocalScheduler:
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", command, cwd=str(cwd), env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            preexec_fn=self.preexec,
+            preexec_fn=user.preexec if (user := self.sandbox(app)) else None,
         )
 
         async def relay() -> int:

@@ -75,7 +75,7 @@ class Supervisor:
             soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
             resource.setrlimit(kind, (soft, hard))
         if self.spec.get("user"):
-            AppUser(self.spec["user"]).drop_privileges()
+            AppUser(self.spec["user"]["uid"], self.spec["user"]["gid"], "").drop_privileges()
         # After the user change, which clears it: if the supervisor is killed, the process follows.
         if LIBC is not None:
             LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -138,7 +138,7 @@ def devflow_daemon(data: Path, admin_key: Path) -> Iterator[DevflowServer]:
     created = run_quiet([*DEVFLOW, "tokens", "create", "--user", "admin", "--json", "--data-dir", str(data)], **cwd)
     token = json.loads(created.stdout)["token"]
     ssh_port, http_port, router_port = free_port(), free_port(), free_port()
-    # Builds must be reachable by the app user (nobody, when root runs this); temp dirs are private.
+    # Builds must be reachable by the app users (when root runs this); temp dirs are private.
     apps = Path(tempfile.mkdtemp(prefix="devflow-bench-apps-"))
     apps.chmod(0o711)
     argv = [*DEVFLOW, "up", "--data-dir", str(data), "--host", HOST, "--ssh-port", str(ssh_port),
