@@ -215,7 +215,7 @@ class Daemon:
         await http_task
         await ssh.wait_closed()
         await self.hooks.close()
-        await self.rollout.wait_drained()
+        await self.rollout.close()
         await self.router.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -341,7 +341,7 @@ class Deployments:
             if self.settings.stopped(app):
                 await self.rollout.stop_app(app, self.hostnames(app))
                 continue
-            if self.rollout.adopt(app, latest.version, self.hostnames(app)):
+            if self.rollout.adopt(app, latest.version, self.hostnames(app), _checks(latest.app_json)):
                 log.info("re-adopted the running processes of %s v%s", app, latest.version)
                 continue
             try:
@@ -370,10 +370,9 @@ class Deployments:
 
     def _spec(self, app: str, version: int, cwd: Path, processes: dict[str, str], env: dict[str, str],
               app_json: dict) -> ReleaseSpec:
-        checks = {kind: [Check(**c) for c in entries] for kind, entries in app_json.get("healthchecks", {}).items()}
         return ReleaseSpec(app=app, version=version, cwd=cwd, processes=processes, env=env,
                            formation=self._formation(app, processes, app_json), hostnames=self.hostnames(app),
-                           healthchecks=checks, limits=self.settings.resources(app))
+                           healthchecks=_checks(app_json), limits=self.settings.resources(app))
 
     def _formation(self, app: str, processes: dict[str, str], app_json: dict) -> dict[str, int]:
         formation = {kind: 1 if kind == "web" else 0 for kind in processes}
@@ -398,3 +397,8 @@ def _app_json_dict(app_json: AppJson) -> dict:
         "formation": dict(app_json.formation),
         "env": dict(app_json.env),
     }
+
+
+def _checks(app_json: dict) -> dict[str, list[Check]]:
+    """A release's health checks by process type, from the app.json it keeps."""
+    return {kind: [Check(**c) for c in entries] for kind, entries in app_json.get("healthchecks", {}).items()}

@@ -38,7 +38,7 @@ def _crashed(instance: Instance) -> bool:
     return not instance.alive() or instance.status().get("state") in ("crashed", "restarting", "stopped")
 
 
-async def _probe(client: httpx.AsyncClient, instance: Instance, check: Check) -> str | None:
+async def probe(client: httpx.AsyncClient, instance: Instance, check: Check) -> str | None:
     """None when the check passes, else why not."""
     try:
         response = await client.get(f"http://127.0.0.1:{instance.port}{check.path}", timeout=check.timeout)
@@ -65,7 +65,7 @@ async def wait_healthy(instance: Instance, checks: list[Check], say: Callable[[s
             if left <= 0:
                 raise HealthCheckFailed(
                     f"{instance.name} did not answer HTTP on $PORT within {DEFAULT_STARTUP_SECONDS:.0f}s")
-            if await _probe(client, instance, Check(name="listening", timeout=min(2.0, left))) is None:
+            if await probe(client, instance, Check(name="listening", timeout=min(2.0, left))) is None:
                 break
             await asyncio.sleep(POLL)
         for check in checks:
@@ -74,7 +74,7 @@ async def wait_healthy(instance: Instance, checks: list[Check], say: Callable[[s
             for attempt in range(1, max(check.attempts, 1) + 1):
                 if _crashed(instance):
                     raise HealthCheckFailed(f"{instance.name} exited during health check {check.name!r}")
-                why = await _probe(client, instance, check)
+                why = await probe(client, instance, check)
                 if why is None:
                     say(f"health check {check.name!r} passed for {instance.name}")
                     break

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.health import Check, HealthCheckFailed, wait_healthy
+from runtime.liveness import LivenessMonitor
 from runtime.local.cgroups import Limits
 from runtime.local.scheduler import Instance, LocalScheduler, free_port
 from runtime.process_logs import ProcessLogs
@@ -49,6 +50,7 @@ class Rollout:
         self._draining: set[asyncio.Task] = set()
         self._live: dict[str, int] = {}  # app -> the version the router sends traffic to
         self._current: dict[str, set[Path]] = {}  # app -> the instances of the live rollout
+        self.liveness = LivenessMonitor(logs)
 
     async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> None:
         """Raise RolloutFailed, having stopped whatever it started, when the new release is not healthy."""
@@ -82,6 +84,7 @@ class Rollout:
         self.router.set_app(spec.app, spec.hostnames, [("127.0.0.1", i.port) for i in web])
         self._live[spec.app] = spec.version
         self._current[spec.app] = {i.directory for i in started}
+        self.liveness.watch(spec.app, started, spec.healthchecks)
         say(f"routing {', '.join(spec.hostnames)} to v{spec.version}" + ("" if web else " (no web process)"))
         self._drain(old)
 
@@ -98,11 +101,14 @@ class Rollout:
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
 
-    async def wait_drained(self) -> None:
+    async def close(self) -> None:
+        """At daemon shutdown: stop watching, let old processes finish draining. Live ones keep running."""
+        await self.liveness.close()
         if self._draining:
             await asyncio.gather(*self._draining, return_exceptions=True)
 
-    def adopt(self, app: str, version: int, hostnames: Sequence[str]) -> bool:
+    def adopt(self, app: str, version: int, hostnames: Sequence[str],
+              healthchecks: Mapping[str, Sequence[Check]]) -> bool:
         """After a daemon restart: route to the release's processes that still run. False if none do."""
         instances = [i for i in self.scheduler.instances(app) if i.alive()]
         current = [i for i in instances if i.version == version]
@@ -112,6 +118,7 @@ class Rollout:
         self.router.set_app(app, hostnames, [("127.0.0.1", i.port) for i in current if i.process_type == "web"])
         self._live[app] = version
         self._current[app] = {i.directory for i in current}
+        self.liveness.watch(app, current, healthchecks)
         self._drain(stale)
         return True
 
@@ -130,6 +137,7 @@ class Rollout:
             self.router.set_app(app, hostnames, [])
         self._live.pop(app, None)
         self._current.pop(app, None)
+        self.liveness.forget(app)
         await asyncio.gather(*(self.scheduler.stop(i) for i in self.scheduler.instances(app)), return_exceptions=True)
 
     def processes(self, app: str) -> list[dict]:

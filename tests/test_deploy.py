@@ -493,3 +493,24 @@ def test_app_user_runs_every_app_as_one_named_user(tmp_path_factory) -> None:
         assert get(d, "shared").text.split()[1] == str(pwd.getpwnam("nobody").pw_uid)
     finally:
         stop_daemon(d)
+
+
+def test_a_wedged_process_failing_its_liveness_check_is_restarted(live: Daemon) -> None:
+    push(live, app_repo(live, "liveness", "wedge"), "wedge")
+    before = get(live, "wedge", "/alive").text
+    assert before.startswith("alive pid")
+    assert get(live, "wedge", "/wedge").status_code == 200
+    assert get(live, "wedge", "/alive").status_code == 500  # up, but wedged: only a liveness check notices
+
+    after = ""
+    for _ in range(300):  # the check runs every second and restarts after 2 failures; 30 s is ample
+        response = get(live, "wedge", "/alive")
+        if response.status_code == 200:
+            after = response.text
+            break
+        time.sleep(0.1)
+    assert after.startswith("alive pid") and after != before  # a fresh process answers
+    [web] = live.api().get("apps/wedge/processes").json()
+    assert web["restarts"] >= 1 and web["state"] == "running"
+    assert any("liveness check 'web stays alive' failed 2 times" in line for line in live.ssh("logs", "wedge")
+               .stdout.splitlines())
