@@ -333,8 +333,7 @@ class Deployments:
     async def restore(self) -> None:
         """At daemon start: route to app processes that kept running, restart the rest at their last release."""
         await asyncio.to_thread(self.fail_interrupted)
-        apps = {p.name for p in (self.workspace).glob("*") if p.is_dir()}
-        for app in sorted(apps):
+        for app in await asyncio.to_thread(self.ledger.apps):
             latest = self.ledger.latest(app)
             if latest is None:
                 continue

@@ -55,6 +55,11 @@ class ReleaseLedger:
     def __init__(self, sessions: sessionmaker) -> None:
         self.sessions = sessions
 
+    def apps(self) -> list[str]:
+        """Every app with a release, whether or not its build directory is still where it was."""
+        with self.sessions() as db:
+            return list(db.scalars(select(Release.app).distinct().order_by(Release.app)))
+
     def latest(self, app: str) -> ReleaseRecord | None:
         with self.sessions() as db:
             row = db.scalar(select(Release).where(Release.app == app).order_by(Release.version.desc()).limit(1))

@@ -50,10 +50,12 @@ class Rollout:
         self._draining: set[asyncio.Task] = set()
         self._live: dict[str, int] = {}  # app -> the version the router sends traffic to
         self._current: dict[str, set[Path]] = {}  # app -> the instances of the live rollout
+        self._hostnames: dict[str, Sequence[str]] = {}  # app -> the names it answers to, as last set
         self.liveness = LivenessMonitor(logs)
 
     async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> None:
         """Raise RolloutFailed, having stopped whatever it started, when the new release is not healthy."""
+        self._hostnames[spec.app] = spec.hostnames
         old = self.scheduler.instances(spec.app)
         started: list[Instance] = []
         try:
@@ -81,11 +83,12 @@ class Rollout:
         except BaseException:
             await asyncio.gather(*(self.scheduler.stop(i) for i in started), return_exceptions=True)
             raise
-        self.router.set_app(spec.app, spec.hostnames, [("127.0.0.1", i.port) for i in web])
+        hostnames = self._hostnames.get(spec.app, spec.hostnames)  # a domains:add during the checks counts
+        self.router.set_app(spec.app, hostnames, [("127.0.0.1", i.port) for i in web])
         self._live[spec.app] = spec.version
         self._current[spec.app] = {i.directory for i in started}
         self.liveness.watch(spec.app, started, spec.healthchecks)
-        say(f"routing {', '.join(spec.hostnames)} to v{spec.version}" + ("" if web else " (no web process)"))
+        say(f"routing {', '.join(hostnames)} to v{spec.version}" + ("" if web else " (no web process)"))
         self._drain(old)
 
     def _drain(self, old: list[Instance]) -> None:
@@ -116,6 +119,7 @@ class Rollout:
             return False
         stale = [i for i in instances if i.version != version]
         self.router.set_app(app, hostnames, [("127.0.0.1", i.port) for i in current if i.process_type == "web"])
+        self._hostnames[app] = hostnames
         self._live[app] = version
         self._current[app] = {i.directory for i in current}
         self.liveness.watch(app, current, healthchecks)
@@ -123,7 +127,8 @@ class Rollout:
         return True
 
     async def reroute(self, app: str, hostnames: Sequence[str]) -> None:
-        """New host names for the processes already live (domains:add)."""
+        """New host names for the processes already live (domains:add), and for a rollout under way."""
+        self._hostnames[app] = hostnames
         version = self._live.get(app)
         web = [i for i in self.scheduler.instances(app)
                if i.version == version and i.process_type == "web" and i.alive()]
@@ -137,6 +142,7 @@ class Rollout:
             self.router.set_app(app, hostnames, [])
         self._live.pop(app, None)
         self._current.pop(app, None)
+        self._hostnames.pop(app, None)
         self.liveness.forget(app)
         await asyncio.gather(*(self.scheduler.stop(i) for i in self.scheduler.instances(app)), return_exceptions=True)
 

@@ -241,6 +241,30 @@ def test_unknown_host_and_custom_domain(live: Daemon) -> None:
     assert live.ssh("domains:add", "dom", "not a domain").returncode != 0
 
 
+def test_domain_added_during_a_deploy_is_routed_to_the_new_release(live: Daemon) -> None:
+    repo = app_repo(live, "stdlib", "middom")
+    push(live, repo, "middom")
+    # v2 takes a few seconds to start listening: the domain arrives while its health check waits.
+    (repo / "Procfile").write_text("web: sleep 4 && python3 app.py\n")
+    (repo / "app.py").write_text((repo / "app.py").read_text().replace('VERSION = "v1"', 'VERSION = "v2"'))
+    commit(repo, "slow v2")
+    push(live, repo, "middom", "-o", "detach")
+    for _ in range(300):
+        [newest, *_] = live.api().get("apps/middom/deploys").json()
+        if newest["stage"] == "health checks":
+            break
+        time.sleep(0.1)
+    assert newest["stage"] == "health checks", newest
+    assert live.ssh("domains:add", "middom", "mid.example.test").returncode == 0
+    for _ in range(600):
+        if live.api().get("apps/middom/deploys").json()[0]["state"] in ("live", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    assert live.api().get("apps/middom/deploys").json()[0]["state"] == "live"
+    response = httpx.get(f"http://127.0.0.1:{live.router_port}/", headers={"Host": "mid.example.test"})
+    assert response.text == "stdlib v2"
+
+
 def test_no_request_fails_through_redeploys(live: Daemon) -> None:
     repo = app_repo(live, "stdlib", "load")
     push(live, repo, "load")
