@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ GIT_COMMANDS = {"git-upload-pack": "upload-pack", "git-receive-pack": "receive-p
 MAX_COMMAND = 64 * 1024
 READ_ALL_BUFFERED = 1 << 30  # read() returns what is buffered, up to this
 SLICE = 256 * 1024
+CLOSE_WAIT = 10  # seconds a client may take to close a refused session
 
 
 def split_git_command(argv: list[str]) -> tuple[str, str] | None:
@@ -68,6 +70,9 @@ class SessionHandler:
         if actor is None:
             process.stderr.write(b"error: this SSH key was removed from DevFlow; reconnect with a registered key\n")
             process.exit(255)
+            # Close the connection once the client has the message and the status, not over them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.channel.wait_closed(), CLOSE_WAIT)
             process.channel.get_connection().close()
             return
         try:
