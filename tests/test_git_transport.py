@@ -234,12 +234,8 @@ def test_shallow_clone_deepen_and_unshallow(daemon: Daemon, transport: str) -> N
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fetch_new_work_into_a_shallow_clone(daemon: Daemon, transport: str, request: pytest.FixtureRequest) -> None:
+def test_fetch_new_work_into_a_shallow_clone(daemon: Daemon, transport: str) -> None:
     """A plain `git pull` in a shallow clone (how CI jobs work) gets the new commits and stays shallow."""
-    if daemon.backend == "dulwich":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "dulwich's upload-pack expects `deepen` after the client's `shallow` lines and fails on the "
-            "flush a plain fetch from a shallow clone sends (UnexpectedCommandError)")))
     app = f"shallow-fetch-{transport}"
     url = remote(daemon, app, transport)
     src = shallow_source(daemon, app, url)

@@ -25,6 +25,7 @@ from dulwich.errors import GitProtocolError
 from dulwich.repo import Repo
 from dulwich.server import DictBackend, ReceivePackHandler, UploadPackHandler
 
+from gitd.git import dulwich_shallow
 from gitd.git.dulwich_refs import CheckedRefs
 from gitd.git.hook_client import ask_gate
 
@@ -126,6 +127,7 @@ def main() -> int:
         out.write(data)
         out.flush()
 
+    dulwich_shallow.install()
     proto = ReceivableProtocol(sys.stdin.buffer.read, write)
     repo = Repo(args.repo)
     backend = DictBackend({"/": repo})
