@@ -413,3 +413,28 @@ def test_static_marker_can_name_the_directory_to_serve(tmp_path):
 def test_dockerfile_only_app_is_not_for_the_native_builder(tmp_path):
     message, _ = build_error(write(tmp_path / "app", {"Dockerfile": "FROM scratch\n"}), tmp_path / "cache")
     assert message.startswith("No Procfile, and nothing the native builder can build")
+
+
+def test_a_lockfile_linked_out_of_the_app_is_not_copied_into_the_cache(tmp_path):
+    """Earlier build steps run app code as the app's user: a lockfile turned into a link must not make
+    root copy what it points at into the app's cache."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text('{"lockfileVersion": 3, "secret": "root only"}')
+    src = copy_app("node", tmp_path / "linked")
+    (src / "package-lock.json").unlink()
+    (src / "package-lock.json").symlink_to(outside / "secret")
+    message, _ = build_error(src, tmp_path / "cache")
+    assert "package-lock.json" in message and "symbolic link" in message
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "root only" in p.read_text(errors="ignore")]
+
+
+def test_a_link_planted_over_the_static_server_is_refused(tmp_path):
+    src = copy_app("static", tmp_path / "site")
+    victim = tmp_path / "victim.py"
+    victim.write_text("precious")
+    (src / ".devflow").mkdir()
+    (src / ".devflow" / "static_server.py").symlink_to(victim)
+    message, _ = build_error(src, tmp_path / "cache")
+    assert "symbolic link" in message
+    assert victim.read_text() == "precious"

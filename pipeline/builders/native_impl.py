@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pipeline import static_server
 from pipeline.builders import BuildError, BuildResult, Sandbox
+from pipeline.builders.app_owned_files import read_beneath, write_beneath
 from pipeline.detect import NODE_LOCKFILES, Detection
 
 Log = Callable[[str], None]
@@ -272,8 +273,8 @@ class NativeBuilder:
                     tools.log(f"Installing Python dependencies from {install.inputs} with {install.tool}")
                     await asyncio.to_thread(shutil.rmtree, venv, ignore_errors=True)
                     await self._install_python(src, venv, python, install, tools)
-                    (venv / READY).write_text(json.dumps({"python": python, "version": version,
-                                                          "tool": install.tool}) + "\n")
+                    marker = {"python": python, "version": version, "tool": install.tool}
+                    write_beneath(venv, READY, json.dumps(marker).encode() + b"\n")
         web, no_web = _python_web(src, venv)
         return _Layer(path=(str(venv / "bin"),), env={"VIRTUAL_ENV": str(venv)}, web=web, no_web=no_web)
 
@@ -381,12 +382,13 @@ class NativeBuilder:
                 tools.log(f"Installing Node.js dependencies from {inputs} with {manager}")
                 await asyncio.to_thread(shutil.rmtree, target, ignore_errors=True)
                 tools.hand_over(target)
-                (target / "package.json").write_bytes(manifest)
+                write_beneath(target, "package.json", manifest)
                 for name in copied:
-                    shutil.copyfile(src / name, target / name)
+                    write_beneath(target, name, read_beneath(src, name))
                 await tools.run(_node_install_argv(manager, False, lockfile is not None, cache), cwd=target,
                                 env=NODE_INSTALL_ENV)
-                (target / READY).write_text(json.dumps({"node": node_version, "manager": manager}) + "\n")
+                marker = {"node": node_version, "manager": manager}
+                write_beneath(target, READY, json.dumps(marker).encode() + b"\n")
         if (src / "node_modules").exists():
             tools.log("Replacing the node_modules directory committed to the repository")
             await asyncio.to_thread(shutil.rmtree, src / "node_modules")
@@ -411,8 +413,7 @@ class NativeBuilder:
         if python is None:
             raise BuildError("python3 is not installed on the build host; static sites are served with it")
         target = src / ".devflow" / "static_server.py"
-        target.parent.mkdir(exist_ok=True)
-        shutil.copyfile(static_server.__file__, target)
+        write_beneath(src, ".devflow/static_server.py", Path(static_server.__file__).read_bytes())
         server = shlex.join([python, "-I", str(target), root])
         return _Layer(web=server)
 
