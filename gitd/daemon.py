@@ -130,7 +130,8 @@ class Daemon:
             private.chmod(0o700)
         self.apps_root.chmod(0o711)
         sessions = open_state(settings.state_url, PIPELINE_MIGRATIONS)
-        users = app_users(settings.app_user, AppUids(sessions, settings.app_uid_base).uid_for)
+        uids = AppUids(sessions, settings.app_uid_base)
+        users = app_users(settings.app_user, uids.uid_for)
         self.directory = Directory(sessions)
         self.apps = AppRegistry(sessions, Repositories(settings.repos_dir))
         self.backend = choose_backend(
@@ -147,7 +148,7 @@ class Daemon:
             sessions, ReleaseLedger(sessions), ConfigVars(sessions), deploy_settings,
             NativeBuilder(settings.extra_ca_certs),
             self.rollout, scheduler, logs,
-            self.apps_root, Platform(settings.domain, settings.router_port),
+            self.apps_root, Platform(settings.domain, settings.router_port), uids,
             max_builds=settings.max_concurrent_builds,
         )
         self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, self.apps.readable_repository))

@@ -39,3 +39,10 @@ class AppUids:
                 log.info("app %s runs as uid %d", app, uid)
                 return uid
         raise RuntimeError(f"could not allocate a uid for app {app}")
+
+    def forget(self, app: str) -> None:
+        """The app is destroyed: its uid is retired, so a new app of the same name gets a fresh one."""
+        with self.sessions.begin() as db:
+            row = db.get(AppUid, app)
+            if row is not None:
+                row.app = f"-retired-{row.uid}"  # app names cannot start with "-": never looked up again

@@ -20,6 +20,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.app_json import AppJson
+from pipeline.app_uids import AppUids
 from pipeline.builders import Builder, BuildError
 from pipeline.config_vars import ConfigVars
 from pipeline.deploy_settings import DeploySettings
@@ -58,7 +59,8 @@ class Platform:
 class Deployments:
     def __init__(self, sessions: sessionmaker, ledger: ReleaseLedger, config_vars: ConfigVars,
                  settings: DeploySettings, builder: Builder, rollout: Rollout, scheduler: LocalScheduler,
-                 logs: ProcessLogs, workspace: Path, platform: Platform, max_builds: int = 2) -> None:
+                 logs: ProcessLogs, workspace: Path, platform: Platform, uids: AppUids, max_builds: int = 2,
+                 ) -> None:
         self.sessions = sessions
         self.ledger = ledger
         self.config_vars = config_vars
@@ -69,6 +71,7 @@ class Deployments:
         self.logs = logs
         self.workspace = workspace
         self.platform = platform
+        self.uids = uids
         self._builds = asyncio.Semaphore(max_builds)
         self._locks: dict[str, asyncio.Lock] = {}
         self._newest_push: dict[str, int] = {}
@@ -352,7 +355,7 @@ class Deployments:
         async with self._lock(app):
             await self.rollout.stop_app(app)
             shutil.rmtree(self.workspace / app, ignore_errors=True)
-            for store in (self.config_vars, self.settings, self.ledger, self.logs):
+            for store in (self.config_vars, self.settings, self.ledger, self.logs, self.uids):
                 await asyncio.to_thread(store.forget, app)
             await asyncio.to_thread(self._forget_deployments, app)
         self._locks.pop(app, None)

@@ -24,8 +24,9 @@ class AppDeploySettings(Base):
 
 
 class AppUid(Base):
-    """The uid an app's builds and processes run as under a root daemon. Rows outlive their app, so a uid
-    is never handed to another app (files a destroyed app left in /tmp stay out of a new one's reach)."""
+    """The uid an app's builds and processes run as under a root daemon. A destroyed app's row is retired,
+    not deleted, so a uid is never handed to another app, even one of the same name (files a destroyed app
+    left in /tmp stay out of the new one's reach)."""
 
     __tablename__ = "pipeline_app_uids"
 

@@ -43,7 +43,7 @@ def object_store(object_env: dict[str, str]) -> BaseObjectStore:
 def export_tree(object_env: dict[str, str], commit_id: str, target: Path,
                 local_repo: LocalRepo = lambda url: None) -> list[str]:
     """Returns notes for the push output (which submodules came from where)."""
-    target.mkdir(parents=True, exist_ok=False)
+    target.mkdir(mode=0o700, parents=True, exist_ok=False)  # private until handed to the app's user
     notes: list[str] = []
     _export(object_store(object_env), commit_id, target, local_repo, notes, depth=0)
     _check_links_stay_inside(target)

@@ -53,17 +53,24 @@ class LivenessMonitor:
             await asyncio.gather(*(self._watch(client, app, instance, check) for instance, check in watched))
 
     async def _watch(self, client: httpx.AsyncClient, app: str, instance: Instance, check: Check) -> None:
-        await asyncio.sleep(check.initial_delay)
         failures = 0
+        started_at = None
         while True:
-            await asyncio.sleep(max(check.wait, 0.5))
             status = instance.status()
-            if status.get("state") != "running" or not status.get("child_pid"):
-                failures = 0  # starting, restarting or stopped: the supervisor is on it
+            if not instance.alive() or status.get("state") != "running" or not status.get("child_pid"):
+                failures = 0  # starting, restarting, stopped, or its supervisor is gone: nothing to judge
+                await asyncio.sleep(max(check.wait, 0.5))
                 continue
+            if status.get("started_at") != started_at:  # a fresh process gets its initial delay again
+                started_at, failures = status.get("started_at"), 0
+                await asyncio.sleep(check.initial_delay)
+            await asyncio.sleep(max(check.wait, 0.5))
             why = await probe(client, instance, check)
             failures = 0 if why is None else failures + 1
             if failures >= max(check.attempts, 1):
+                status = instance.status()
+                if not instance.alive() or status.get("started_at") != started_at:
+                    continue  # it restarted meanwhile: that pid is not the one that failed
                 self.logs.write(app, instance.name, f"liveness check {check.name!r} failed {failures} times in a row "
                                                     f"({why}); restarting the process")
                 log.info("%s %s: liveness check %r failed; restarting", app, instance.name, check.name)

@@ -62,6 +62,7 @@ class RotatingLog:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
+        self._fd = -1
         self._fd = self._open()
 
     def _is_current(self, inode: int) -> bool:

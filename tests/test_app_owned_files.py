@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,4 +42,14 @@ def test_a_planted_link_is_refused_and_its_target_untouched(tmp_path: Path, plan
 def test_paths_must_stay_inside(tmp_path: Path) -> None:
     for relative in ("../escape", "/etc/passwd", ""):
         with pytest.raises(ValueError):
+            write_beneath(tmp_path, relative, b"x")
+
+
+def test_a_planted_fifo_or_device_is_refused_without_hanging(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    for relative in ("fifo", "zero"):
+        with pytest.raises(BuildError):
+            read_beneath(tmp_path, relative)
+        with pytest.raises(BuildError):
             write_beneath(tmp_path, relative, b"x")

@@ -507,6 +507,10 @@ def test_each_app_runs_as_its_own_uid_and_cannot_read_another(live: Daemon) -> N
     # The uid stays with the app: a redeploy runs as the same one.
     push(live, app_repo(live, "snoop", "snoop-again"), "snoop", "--force")
     assert int(get(live, "snoop").text.split()[1]) == uid
+    # Destroyed and made again, the name gets a fresh uid: nothing the old app left behind is the new one's.
+    assert live.ssh("apps:destroy", "snoop", "--force").returncode == 0
+    push(live, app_repo(live, "snoop", "snoop-reborn"), "snoop")
+    assert int(get(live, "snoop").text.split()[1]) > max(uid, victim_uid)
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="--app-user only applies under a root daemon")

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from runtime.health import Check, HealthCheckFailed, wait_healthy
+from runtime.local.app_user import AppUser
 from runtime.local.scheduler import Instance, LocalScheduler, free_port
 from runtime.process_logs import ProcessLogs
 
@@ -140,3 +141,17 @@ def test_a_chatty_process_keeps_its_log_bounded(tmp_path: Path) -> None:
         assert numbers == list(range(3000 - len(numbers), 3000))  # the newest lines, none lost between files
     finally:
         asyncio.run(sched.stop(instance))
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="handing a directory to another uid needs root")
+def test_hand_over_replaces_a_planted_link_instead_of_following_it(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "pip").symlink_to(elsewhere)  # what the app's user could leave in its own cache
+    user = AppUser.numbered(700_000_999)
+    user.hand_over(cache / "pip")
+    assert not (cache / "pip").is_symlink()
+    assert (cache / "pip").stat().st_uid == 700_000_999 and (cache / "pip").stat().st_mode & 0o777 == 0o700
+    assert elsewhere.stat().st_uid == 0 and elsewhere.stat().st_mode & 0o777 == 0o755

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from pipeline.builders import BuildError
@@ -31,7 +32,13 @@ def _open_beneath(base: Path, relative: str, flags: int, create_dirs: bool) -> i
             inner = os.open(part, _DIR, dir_fd=fd)
             os.close(fd)
             fd = inner
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd)
+        # O_NONBLOCK: a FIFO planted there must not hang the daemon on open; only regular files are used.
+        file_fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644, dir_fd=fd)
+        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+            os.close(file_fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(file_fd, True)
+        return file_fd
     finally:
         os.close(fd)
 

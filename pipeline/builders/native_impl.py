@@ -245,9 +245,9 @@ class NativeBuilder:
         bundle = cache / "ca-bundle.pem"
         # A fresh, exclusively created file: the app user, who owns the cache, cannot redirect the write.
         fd, staging = tempfile.mkstemp(dir=cache, prefix="ca-bundle.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # by fd: the name could be a link by the time a path-based chmod ran
         with open(fd, "w") as out:
             out.write("\n".join(part.strip() for part in parts) + "\n")
-        os.chmod(staging, 0o644)
         os.replace(staging, bundle)
         return bundle
 

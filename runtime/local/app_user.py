@@ -7,6 +7,7 @@ is readable by the same uid only). `--app-user NAME` runs every app as one named
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import stat
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 PRIVATE = 0o700
+_NO_FOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class AppUser:
@@ -70,10 +72,25 @@ class AppUser:
 
     def hand_over(self, directory: Path) -> None:
         """A directory the user may write in, created if missing; only the directory itself changes owner,
-        and it becomes private to the user."""
+        and it becomes private to the user.
+
+        The user may have put a link where the directory was (its cache is its own): the link is replaced,
+        never followed, so root never chowns or chmods what it points at.
+        """
         directory.mkdir(parents=True, exist_ok=True)
-        os.chown(directory, self.uid, self.gid, follow_symlinks=False)
-        directory.chmod(PRIVATE)
+        try:
+            fd = os.open(directory, _NO_FOLLOW_DIR)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            directory.unlink()
+            directory.mkdir()
+            fd = os.open(directory, _NO_FOLLOW_DIR)
+        try:
+            os.fchown(fd, self.uid, self.gid)
+            os.fchmod(fd, PRIVATE)
+        finally:
+            os.close(fd)
 
     def hand_over_tree(self, directory: Path) -> None:
         """A tree root just wrote (a fresh export): all of it to the user, the top private to it.

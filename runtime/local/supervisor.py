@@ -160,6 +160,8 @@ def main() -> int:
     os.dup2(null_fd, 0)
     os.dup2(null_fd, 1)
     os.dup2(log_fd, 2)
+    os.close(null_fd)
+    os.close(log_fd)
     supervisor = Supervisor(spec)
     supervisor.write_status()
     os.write(ready_write, b"1")
