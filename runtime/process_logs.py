@@ -8,18 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
+from runtime.log_lines import LINE, prefix
 from runtime.rotating_log import DEFAULT_MAX_BYTES, RotatingLog, rotated
-
-LINE = re.compile(r"^(\S+) (\S+) \| ")
-
-
-def timestamp() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class ProcessLogs:
@@ -33,8 +26,8 @@ class ProcessLogs:
         return directory / "app.log"
 
     def write(self, app: str, source: str, text: str) -> None:
-        stamp = timestamp()
-        lines = "".join(f"{stamp} {source} | {line}\n" for line in text.splitlines() or [""])
+        start = prefix(source)
+        lines = "".join(f"{start}{line}\n" for line in text.splitlines() or [""])
         with RotatingLog(self.path(app), self.max_bytes) as log:
             log.write(lines.encode())
 

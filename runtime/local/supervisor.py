@@ -19,18 +19,14 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from runtime.local.app_user import AppUser
+from runtime.log_lines import prefix
 from runtime.rotating_log import DEFAULT_MAX_BYTES, RotatingLog
 
 PR_SET_PDEATHSIG = 1
 LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
-
-
-def timestamp() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class Supervisor:
@@ -52,11 +48,11 @@ class Supervisor:
         tmp.replace(self.status_path)
 
     def log_line(self, text: str) -> None:
-        self.log.write(f"{timestamp()} {self.name} | {text}\n".encode())
+        self.log.write(f"{prefix(self.name)}{text}\n".encode())
 
     def _pump(self, stream) -> None:
         for raw in iter(stream.readline, b""):
-            self.log.write(f"{timestamp()} {self.name} | ".encode() + raw.rstrip(b"\n") + b"\n")
+            self.log.write(prefix(self.name).encode() + raw.rstrip(b"\n") + b"\n")
 
     def _drain_output(self) -> None:
         """The child's last lines (its goodbye on SIGTERM, a crash trace) reach the log before we go on."""
