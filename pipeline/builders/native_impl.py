@@ -98,6 +98,11 @@ class _PythonInstall:
     reads_source: bool = False  # local paths or the project itself: the result is not cacheable
 
 
+def _mark_ready(entry: Path, **facts: str) -> None:
+    """A cache entry is complete: later builds with the same inputs reuse it."""
+    write_beneath(entry, READY, json.dumps(facts).encode() + b"\n")
+
+
 def _make_dir(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -273,8 +278,7 @@ class NativeBuilder:
                     tools.log(f"Installing Python dependencies from {install.inputs} with {install.tool}")
                     await asyncio.to_thread(shutil.rmtree, venv, ignore_errors=True)
                     await self._install_python(src, venv, python, install, tools)
-                    marker = {"python": python, "version": version, "tool": install.tool}
-                    write_beneath(venv, READY, json.dumps(marker).encode() + b"\n")
+                    _mark_ready(venv, python=python, version=version, tool=install.tool)
         web, no_web = _python_web(src, venv)
         return _Layer(path=(str(venv / "bin"),), env={"VIRTUAL_ENV": str(venv)}, web=web, no_web=no_web)
 
@@ -387,8 +391,7 @@ class NativeBuilder:
                     write_beneath(target, name, read_beneath(src, name))
                 await tools.run(_node_install_argv(manager, False, lockfile is not None, cache), cwd=target,
                                 env=NODE_INSTALL_ENV)
-                marker = {"node": node_version, "manager": manager}
-                write_beneath(target, READY, json.dumps(marker).encode() + b"\n")
+                _mark_ready(target, node=node_version, manager=manager)
         if (src / "node_modules").exists():
             tools.log("Replacing the node_modules directory committed to the repository")
             await asyncio.to_thread(shutil.rmtree, src / "node_modules")
@@ -412,9 +415,9 @@ class NativeBuilder:
         python = tools.which("python3")
         if python is None:
             raise BuildError("python3 is not installed on the build host; static sites are served with it")
-        target = src / ".devflow" / "static_server.py"
-        write_beneath(src, ".devflow/static_server.py", Path(static_server.__file__).read_bytes())
-        server = shlex.join([python, "-I", str(target), root])
+        target = ".devflow/static_server.py"
+        write_beneath(src, target, Path(static_server.__file__).read_bytes())
+        server = shlex.join([python, "-I", str(src / target), root])
         return _Layer(web=server)
 
 
