@@ -182,9 +182,8 @@ class Daemon:
         await self.deployments.restore()
         await self.hooks.start()
         try:
-            ssh = await start_ssh_server(
-                s.host, s.ssh_port, self.host_key, self.directory, SessionHandler(self.git, self.directory, self.management_for),
-            )
+            sessions = SessionHandler(self.git, self.directory, self.management_for)
+            ssh = await start_ssh_server(s.host, s.ssh_port, self.host_key, self.directory, sessions)
         except OSError as exc:
             raise cannot_listen(s.host, s.ssh_port, exc) from None
         ssh_port = ssh.sockets[0].getsockname()[1]

@@ -31,7 +31,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def devflow(*args: str, input: str | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def devflow(*args: str, input: str | None = None, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*DEVFLOW, *args], input=input, capture_output=True, text=True, check=check,
                           env={**os.environ, **(env or {})}, cwd=ROOT)
 
@@ -139,7 +140,8 @@ def start_daemon(tmp: Path, backend: str = "auto", extra_args: tuple[str, ...] =
     work.mkdir(parents=True, exist_ok=True)
     admin_key = keygen(work / "admin_key")
     devflow("keys", "add", "--admin", "--user", "admin", str(admin_key) + ".pub", "--data-dir", str(data))
-    token = json.loads(devflow("tokens", "create", "--user", "admin", "--json", "--data-dir", str(data)).stdout)["token"]
+    created = devflow("tokens", "create", "--user", "admin", "--json", "--data-dir", str(data))
+    token = json.loads(created.stdout)["token"]
     # Builds must be reachable by the app users (under root), which pytest's 0700 tmp dirs are not.
     apps = Path(tempfile.mkdtemp(prefix="devflow-test-apps-"))
     apps.chmod(0o711)

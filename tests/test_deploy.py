@@ -363,7 +363,8 @@ def test_resource_limits_apply_to_the_processes(live: Daemon) -> None:
     pid = process["pid"]
     cgroups = Path(f"/proc/{pid}/cgroup").read_text()
     if "devflow" in cgroups:
-        memory = next(line.split(":", 2)[2] for line in cgroups.splitlines() if ":memory:" in line or line.startswith("0::"))
+        memory = next(line.split(":", 2)[2] for line in cgroups.splitlines()
+                      if ":memory:" in line or line.startswith("0::"))
         base = Path("/sys/fs/cgroup") / ("memory" if ":memory:" in cgroups else "") / memory.lstrip("/")
         limit = base / ("memory.limit_in_bytes" if ":memory:" in cgroups else "memory.max")
         assert limit.read_text().strip() == str(96 * 1024**2)

@@ -23,24 +23,22 @@ from gitd.commands.table import COMMANDS
 FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 
 
-def assert_ssh_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """A refused SSH command: non-zero exit, nothing on stdout, one `error: ...` line on stderr."""
+def _assert_refused(result: subprocess.CompletedProcess, prefix: str, fragments: tuple[str, ...]) -> None:
+    """Non-zero exit, nothing on stdout, one `PREFIX...` line on stderr holding every fragment."""
     assert result.returncode != 0, result.stdout
     assert result.stdout == ""
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(prefix), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+def assert_ssh_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    _assert_refused(result, "error: ", fragments)
 
 
 def assert_cli_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """A refused CLI command: non-zero exit, nothing on stdout, one `devflow: ...` line on stderr."""
-    assert result.returncode != 0, result.stdout
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("devflow: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+    _assert_refused(result, "devflow: ", fragments)
 
 
 def assert_api_error(response: httpx.Response, status: int, fragment: str = "") -> None:

@@ -105,8 +105,9 @@ class LocalScheduler:
             "name": instance.name, "command": command, "cwd": str(cwd), "env": env,
             "log": str(self.logs.path(app)), "log_max_bytes": self.logs.max_bytes,
             "status": str(directory / "status.json"),
-            "user": {"uid": user.uid, "gid": user.gid} if user else None, "rlimits": rlimits, "cgroup_procs": cgroup_procs,
-            "limits": limits.as_dict(), "stop_timeout": self.stop_timeout,
+            "user": {"uid": user.uid, "gid": user.gid} if user else None,
+            "rlimits": rlimits, "cgroup_procs": cgroup_procs, "limits": limits.as_dict(),
+            "stop_timeout": self.stop_timeout,
         }
         (directory / "spec.json").write_text(json.dumps(spec))
         # No pipes: the supervisor outlives this call, and a pipe it inherited would never reach EOF.
