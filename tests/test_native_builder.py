@@ -265,7 +265,8 @@ def test_node_runs_npm_ci_and_build_then_reuses_node_modules(tmp_path):
     assert any(line.startswith("Reusing node_modules: Node.js") for line in lines)
     assert commands(lines) == ["$ npm run build"]
     assert cached.stat().st_mtime_ns == installed
-    assert (tmp_path / "v2" / "node_modules" / "ms" / "package.json").read_bytes() == cached.read_bytes()
+    linked = tmp_path / "v2" / "node_modules" / "ms" / "package.json"
+    assert linked.stat().st_ino == cached.stat().st_ino  # hard-linked from the cache, not copied
     with serve(tmp_path / "v2", second) as client:
         assert client.get("/").text == "node v1"
 

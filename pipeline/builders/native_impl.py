@@ -396,7 +396,7 @@ class NativeBuilder:
             tools.log("Replacing the node_modules directory committed to the repository")
             await asyncio.to_thread(shutil.rmtree, src / "node_modules")
         if (target / "node_modules").is_dir():
-            await asyncio.to_thread(_link_tree, target / "node_modules", src / "node_modules")
+            await _link_tree(target / "node_modules", src / "node_modules", tools)
 
     # go and static sites
 
@@ -576,15 +576,15 @@ def _static_root(src: Path) -> str:
     return root
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    """Hard links share the cached files at no cost in space; copies where links cannot cross filesystems."""
-    def link(from_path: str, to_path: str) -> None:
-        try:
-            os.link(from_path, to_path)
-        except OSError:
-            shutil.copy2(from_path, to_path)
+async def _link_tree(source: Path, target: Path, tools: _Tools) -> None:
+    """Hard links share the cached files at no cost in space; a copy where links cannot cross filesystems.
 
-    shutil.copytree(source, target, symlinks=True, copy_function=link)
+    `cp` runs as the app's user: both trees are the app's, and root walking them could be sent elsewhere by a
+    link the app swaps in while the walk is under way.
+    """
+    if await tools.output(["cp", "-a", "--link", str(source), str(target)], cwd=source.parent) is None:
+        await asyncio.to_thread(shutil.rmtree, target, ignore_errors=True)
+        await tools.run(["cp", "-a", str(source), str(target)], cwd=source.parent)
 
 
 @asynccontextmanager

@@ -250,15 +250,21 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, exchange: Exchange) -> None:
         order = exchange.route.rotation()
-        conn = self._pool.take(order[0])
+        if exchange.retries:  # the app closed a reused connection under the request: this time a new one
+            max_idle = -1.0
+        elif exchange.retryable:
+            max_idle = self._config.pool_idle_timeout
+        else:
+            max_idle = self._config.safe_reuse_idle
+        conn = self._pool.take(order[0], max_idle)
         if conn is None:
-            self._connecting = self._loop.create_task(self._connect(exchange, order))
+            self._connecting = self._loop.create_task(self._connect(exchange, order, max_idle))
         else:
             self._attach(exchange, conn)
 
-    async def _connect(self, exchange: Exchange, order: tuple[Address, ...]) -> None:
+    async def _connect(self, exchange: Exchange, order: tuple[Address, ...], max_idle: float) -> None:
         for address in order:
-            conn = self._pool.take(address)
+            conn = self._pool.take(address, max_idle)
             if conn is None:
                 try:
                     conn = await self._pool.connect(address)

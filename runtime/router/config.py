@@ -17,8 +17,14 @@ class RouterConfig:
     """Per upstream: after this the next replica is tried, as for a refused connection."""
     pool_size: int = 32
     """Idle keep-alive connections kept per upstream; more are closed when they finish."""
-    pool_idle_timeout: float = 1.5
-    """Idle upstream connections are closed before app servers' own keep-alive timeouts (gunicorn: 2 s)."""
+    pool_idle_timeout: float = 60.0
+    """Idle upstream connections are kept this long, as nginx does: a new connection costs a thread-per-connection
+    app (the stdlib's, gunicorn's gthread) a thread start. Apps close theirs sooner (gunicorn after 2 s, uvicorn
+    and Node after 5 s); the router sees the close and drops the connection, and a request that meets one closing
+    as it is sent goes again on a new connection."""
+    safe_reuse_idle: float = 1.5
+    """A request that cannot go twice (it has a body) reuses only a connection idle for less than this: shorter
+    than common app servers' keep-alive timeouts, so the app will not close it as the request arrives."""
     buffer_bytes: int = 256 * 1024
     """Request body held while an upstream is being connected before the client is paused."""
     shutdown_timeout: float = 5.0

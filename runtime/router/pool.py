@@ -20,19 +20,25 @@ class UpstreamPool:
         self._closed = False
         self._sweeper = loop.call_later(config.pool_idle_timeout, self._sweep)
 
-    def take(self, address: Address) -> UpstreamConnection | None:
+    def take(self, address: Address, max_idle: float) -> UpstreamConnection | None:
+        """The most recently used idle connection, if it has been idle for less than `max_idle`."""
         idle = self._idle.get(address)
         if not idle:
             return None
-        limit = self.loop.time() - self._config.pool_idle_timeout
+        now = self.loop.time()
+        limit = now - self._config.pool_idle_timeout
         while idle:
-            conn = idle.pop()
+            conn = idle[-1]
             if conn.idle_since < limit:
-                self._close_all([*idle, conn])  # the newest is stale, so are the older ones
+                self._close_all(idle)  # the newest is stale, so are the older ones
                 idle.clear()
-            elif not conn.transport.is_closing():  # else the app closed it and connection_lost is on its way
-                conn.reused = True
-                return conn
+            elif conn.idle_since < now - max_idle:
+                return None  # and older ones are older still
+            else:
+                idle.pop()
+                if not conn.transport.is_closing():  # else the app closed it and connection_lost is on its way
+                    conn.reused = True
+                    return conn
         return None
 
     def put(self, conn: UpstreamConnection) -> None:
