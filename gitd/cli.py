@@ -81,6 +81,7 @@ def cmd_stop_apps(args: argparse.Namespace) -> int:
     from runtime.local.cgroups import Cgroups
     from runtime.local.scheduler import LocalScheduler
     from runtime.process_logs import ProcessLogs
+    from runtime.router.process_impl import stop_routers
 
     settings = _settings(args)
     scheduler = LocalScheduler(settings.run_dir / "processes", ProcessLogs(settings.logs_dir, settings.log_max_bytes),
@@ -91,7 +92,8 @@ def cmd_stop_apps(args: argparse.Namespace) -> int:
         await asyncio.gather(*(scheduler.stop(i) for i in instances))
 
     asyncio.run(stop_all())
-    print(f"stopped {len(instances)} app process(es)")
+    routers = stop_routers(settings.run_dir)
+    print(f"stopped {len(instances)} app process(es) and {routers} router process(es)")
     return 0
 
 

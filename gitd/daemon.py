@@ -51,7 +51,7 @@ from runtime.local.cgroups import Cgroups
 from runtime.local.scheduler import LocalScheduler
 from runtime.process_logs import ProcessLogs
 from runtime.rollout import Rollout
-from runtime.router.builtin_impl import BuiltinRouter
+from runtime.router.process_impl import RouterProcess, listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,10 @@ def cannot_listen(host: str, port: int, exc: OSError) -> SystemExit:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        return listening_socket(host, port)
     except OSError as exc:
-        sock.close()
         raise cannot_listen(host, port, exc) from None
-    sock.listen(1024)
-    return sock
 
 
 def keep_private(db: Path) -> None:
@@ -139,7 +133,8 @@ class Daemon:
             PackLimits(hooks_dir=write_hooks(settings.data_dir / "hooks"), max_push_bytes=settings.max_push_bytes),
         )
         self.receiver = PushReceiver()
-        self.router = BuiltinRouter(settings.host, settings.router_port)
+        self.router = RouterProcess(settings.host, settings.router_port, settings.run_dir,
+                                    settings.logs_dir / "router.log")
         logs = ProcessLogs(settings.logs_dir, settings.log_max_bytes)
         scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups())
         self.rollout = Rollout(scheduler, self.router, logs)
@@ -177,7 +172,10 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         http_sock = bind(s.host, s.http_port)
         http_port = http_sock.getsockname()[1]
-        await self.router.start()
+        try:
+            await self.router.start()
+        except OSError as exc:
+            raise cannot_listen(s.host, s.router_port, exc) from None
         # Apps first: by the time the daemon answers, every app is routed again.
         await self.deployments.restore()
         await self.hooks.start()
@@ -209,7 +207,7 @@ class Daemon:
             flush=True,
         )
         await self._stop.wait()
-        log.info("shutting down; app processes keep running and are re-adopted at the next start")
+        log.info("shutting down; app processes and the router keep running, re-adopted at the next start")
         ssh.close()
         http.should_exit = True
         await http_task

@@ -265,31 +265,47 @@ def test_domain_added_during_a_deploy_is_routed_to_the_new_release(live: Daemon)
     assert response.text == "stdlib v2"
 
 
+class Hammer:
+    """Threads sending requests to an app through the router until stopped, counting every failure."""
+
+    def __init__(self, daemon: Daemon, app: str, threads: int = 4) -> None:
+        self.url = f"http://127.0.0.1:{daemon.router_port}/"
+        self.host = f"{app}.localhost"
+        self.failures: list[str] = []
+        self.ok = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._hammer) for _ in range(threads)]
+
+    def __enter__(self) -> Hammer:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _hammer(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            for _ in range(20000):
+                if self._stop.is_set():
+                    return
+                try:
+                    response = client.get(self.url, headers={"Host": self.host})
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                    continue
+                if response.status_code == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"HTTP {response.status_code}")
+
+
 def test_no_request_fails_through_redeploys(live: Daemon) -> None:
     repo = app_repo(live, "stdlib", "load")
     push(live, repo, "load")
-    failures: list[str] = []
-    ok = [0]
-    stop = threading.Event()
-
-    def hammer() -> None:
-        with httpx.Client(timeout=10) as client:
-            for _ in range(20000):
-                if stop.is_set():
-                    return
-                try:
-                    response = client.get(f"http://127.0.0.1:{live.router_port}/", headers={"Host": "load.localhost"})
-                    if response.status_code == 200:
-                        ok[0] += 1
-                    else:
-                        failures.append(f"HTTP {response.status_code}")
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
+    with Hammer(live, "load") as load:
         for version in ("v2", "v3"):
             text = (repo / "app.py").read_text()
             (repo / "app.py").write_text(text.replace(text.split('VERSION = "')[1][:2], version, 1))
@@ -297,13 +313,9 @@ def test_no_request_fails_through_redeploys(live: Daemon) -> None:
             push(live, repo, "load")
             assert live.ssh("config:set", "load", f"ROUND={version}").returncode == 0
         assert live.ssh("ps:restart", "load").returncode == 0
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     assert get(live, "load").text == "stdlib v3"
-    assert failures == [], failures[:5]
-    assert ok[0] > 100
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > 100
 
 
 def test_daemon_restart_keeps_apps_serving(tmp_path: Path) -> None:
@@ -312,9 +324,12 @@ def test_daemon_restart_keeps_apps_serving(tmp_path: Path) -> None:
         repo = app_repo(daemon, "stdlib", "keep")
         push(daemon, repo, "keep")
         port = daemon.api().get("apps/keep/processes").json()[0]["port"]
-        stop_daemon(daemon, stop_apps=False)
-        assert httpx.get(f"http://127.0.0.1:{port}/").text == "stdlib v1"
-        launch(daemon)
+        with Hammer(daemon, "keep") as load:  # the router process outlives the daemon, as the apps do
+            stop_daemon(daemon, stop_apps=False)
+            assert get(daemon, "keep").text == "stdlib v1"
+            launch(daemon)
+        assert load.failures == [], load.failures[:5]
+        assert load.ok > 0
         assert get(daemon, "keep").text == "stdlib v1"
         assert daemon.api().get("apps/keep/processes").json()[0]["port"] == port
         stop_daemon(daemon, stop_apps=False)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Sequence
 
 from runtime.router.client import ClientConnection
 from runtime.router.config import RouterConfig
 from runtime.router.pool import UpstreamPool
-from runtime.router.routes import RouteTable
+from runtime.router.routes import Address, RouteTable
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,29 @@ class BuiltinRouter:
         self._pool: UpstreamPool | None = None
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on `host`:`port`, or accept on `sock`, a listening socket made elsewhere (a predecessor's)."""
         if self._server is not None:
             raise RuntimeError("the router is already started")
         loop = self._loop = asyncio.get_running_loop()
         pool = self._pool = UpstreamPool(loop, self.config)
-        self._server = await loop.create_server(
-            lambda: ClientConnection(self.config, self._routes, pool, self._connections),
-            self.host, self.port, backlog=BACKLOG, reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
+
+        def connection() -> ClientConnection:
+            return ClientConnection(self.config, self._routes, pool, self._connections)
+
+        if sock is None:
+            self._server = await loop.create_server(connection, self.host, self.port, backlog=BACKLOG,
+                                                    reuse_address=True)
+        else:
+            self._server = await loop.create_server(connection, sock=sock, backlog=BACKLOG)
+        self.host, self.port = self._server.sockets[0].getsockname()[:2]
         log.info("router listening on %s:%d", self.host, self.port)
+
+    def listening_fd(self) -> int:
+        """The listening socket, for a successor to accept on; still this router's until it closes."""
+        if self._server is None:
+            raise RuntimeError("the router is not listening")
+        return self._server.sockets[0].fileno()
 
     async def close(self) -> None:
         """Stop accepting, let requests in flight finish for up to `shutdown_timeout`, then cut the rest."""
@@ -71,6 +85,10 @@ class BuiltinRouter:
     def remove_app(self, app: str) -> None:
         self._routes.remove_app(app)
         self._forget_unrouted()
+
+    def routes(self) -> dict[str, tuple[tuple[str, ...], tuple[Address, ...]]]:
+        """Every app's host names and upstreams, as set."""
+        return self._routes.snapshot()
 
     def _forget_unrouted(self) -> None:
         """Close idle connections to upstreams no longer routed, on the loop's thread, so old processes drain."""

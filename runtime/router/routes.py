@@ -72,6 +72,9 @@ class RouteTable:
         with self._changing:
             self._install({name: entry for name, entry in self._apps.items() if name != app})
 
+    def snapshot(self) -> dict[str, tuple[tuple[str, ...], tuple[Address, ...]]]:
+        return {app: (hosts, route.upstreams) for app, (hosts, route) in self._apps.items()}
+
     def addresses(self) -> set[Address]:
         """Every upstream some app still routes to."""
         return {address for _, route in self._apps.values() for address in route.upstreams}

@@ -3,7 +3,7 @@ the reference proxy when it is installed.
 
 For each app (a stdlib ThreadingHTTPServer, typical of small user apps, and uvicorn, a fast one) the
 load generator (wrk when installed, else a Python one) runs in its own process against the app directly,
-through a BuiltinRouter in another process under uvloop (as the daemon runs it), and through nginx
+through the built-in router in its own process (as the daemon runs it), and through nginx
 (one worker, keep-alive upstream connections). Two loads each: saturation (requests/s) and a paced load at
 half the saturation rate of the slower of direct and router, where added latency is what a proxy costs
 rather than queueing. On a small machine the p99 of a few seconds is noisy, so runs alternate between the
@@ -33,7 +33,7 @@ import uvicorn
 import uvloop
 
 from benchmarks._support import HOST, ROOT, BenchError, free_port, run_quiet, server
-from runtime.router.builtin_impl import BuiltinRouter
+from runtime.router.process_impl import RouterProcess, stop_routers
 
 APPS = ("stdlib", "uvicorn")
 HOSTNAME = "bench.localhost"
@@ -165,15 +165,18 @@ def serve_uvicorn(port: int) -> None:
                 access_log=False, log_level="warning")
 
 
-def serve_router(port: int, app_port: int) -> None:
+def serve_router(port: int, app_port: int, run_dir: Path) -> None:
+    """The router as the daemon runs it: a process of its own (runtime.router.standalone), driven over its
+    control socket by RouterProcess."""
     async def run() -> None:
-        router = BuiltinRouter(HOST, port)
+        router = RouterProcess(HOST, port, run_dir, run_dir / "router.log")
         await router.start()
         router.set_app("bench", [HOSTNAME], [(HOST, app_port)])
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
         await router.close()
+        await asyncio.to_thread(stop_routers, run_dir)
 
     uvloop.run(run())
 
@@ -221,7 +224,8 @@ def app_and_proxies(kind: str, logs: Path) -> Iterator[dict[str, int]]:
     with ExitStack() as stack:
         stack.enter_context(server(f"{kind} app", [*module, "serve-app", kind, str(ports["direct"])],
                                    logs / f"{kind}.log", ports["direct"], env))
-        stack.enter_context(server("router", [*module, "serve-router", str(ports["router"]), str(ports["direct"])],
+        stack.enter_context(server("router", [*module, "serve-router", str(ports["router"]), str(ports["direct"]),
+                                             str(logs / f"router-{kind}")],
                                    logs / f"router-{kind}.log", ports["router"], env))
         if nginx:
             ports["nginx"] = free_port()
@@ -293,6 +297,7 @@ def main(argv: list[str]) -> int:
     router = sub.add_parser("serve-router")
     router.add_argument("port", type=int)
     router.add_argument("app_port", type=int)
+    router.add_argument("run_dir", type=Path)
     load = sub.add_parser("load")
     for name, kind in (("port", int), ("connections", int), ("seconds", float), ("delay_ms", int)):
         load.add_argument(name, type=kind)
@@ -303,7 +308,7 @@ def main(argv: list[str]) -> int:
     if args.command == "serve-app":
         (serve_stdlib if args.kind == "stdlib" else serve_uvicorn)(args.port)
     elif args.command == "serve-router":
-        serve_router(args.port, args.app_port)
+        serve_router(args.port, args.app_port, args.run_dir)
     elif args.command == "load":
         print(json.dumps(asdict(uvloop.run(_load(args.port, args.connections, args.seconds, args.delay_ms)))))
     else:

@@ -1,0 +1,197 @@
+"""The router process the daemon runs: adopted across daemon restarts, replaced by new code without a refused
+connection, brought back when it dies, and unprivileged under root. Real processes, real sockets, httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections.abc import Coroutine, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from conftest import free_port
+
+from runtime.router import process_impl
+from runtime.router.process_impl import RouterProcess, live_routers, running, stop_routers
+
+WAIT = 20
+T = TypeVar("T")
+
+
+class Hello(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = b"hello"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class Daemonless:
+    """An event loop thread standing in for the daemon's, on which RouterProcess instances live and die."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="daemon-loop")
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        async def on_loop() -> Any:
+            return fn(*args)
+        return self.run(on_loop())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+
+@pytest.fixture
+def app() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join(WAIT)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Daemonless, Path, int]]:
+    loop = Daemonless()
+    run_dir = tmp_path / "run"
+    yield loop, run_dir, free_port()
+    stop_routers(run_dir)
+    loop.stop()
+
+
+def routed(port: int) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}/", headers={"Host": "hello.localhost"}, timeout=WAIT)
+
+
+def pids(run_dir: Path) -> list[int]:
+    routers = live_routers(run_dir)
+    for client, _ in routers:
+        client.close()
+    return [hello["pid"] for _, hello in routers]
+
+
+def start(loop: Daemonless, run_dir: Path, port: int) -> RouterProcess:
+    router = RouterProcess("127.0.0.1", port, run_dir, run_dir.parent / "router.log")
+    loop.run(router.start())
+    return router
+
+
+def test_a_restarted_daemon_adopts_the_router_with_its_routes(setup, app: int) -> None:
+    loop, run_dir, port = setup
+    first = start(loop, run_dir, port)
+    loop.call(first.set_app, "hello", ["hello.localhost"], [("127.0.0.1", app)])
+    [pid] = pids(run_dir)
+    loop.run(first.close())  # the daemon stops: the router keeps routing
+    assert routed(port).text == "hello"
+    second = start(loop, run_dir, port)
+    assert pids(run_dir) == [pid]
+    assert routed(port).text == "hello"
+    loop.call(second.remove_app, "hello")
+    assert routed(port).status_code == 404
+    loop.run(second.close())
+
+
+def test_new_router_code_takes_over_the_socket_without_failing_a_request(setup, app: int,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    loop, run_dir, port = setup
+    first = start(loop, run_dir, port)
+    loop.call(first.set_app, "hello", ["hello.localhost"], [("127.0.0.1", app)])
+    [old] = pids(run_dir)
+    loop.run(first.close())
+    failures: list[str] = []
+    done = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=WAIT) as client:
+            for _ in range(20000):
+                if done.is_set():
+                    return
+                try:  # a new connection each time: the listening socket is what changes hands
+                    response = client.get(f"http://127.0.0.1:{port}/", headers={"Host": "hello.localhost",
+                                                                                  "Connection": "close"})
+                    if response.status_code != 200:
+                        failures.append(f"HTTP {response.status_code}")
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        # As after an upgrade: the daemon's router code differs from the running process's.
+        monkeypatch.setattr(process_impl, "code_version", lambda: "an upgrade")
+        second = start(loop, run_dir, port)
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    [new] = pids(run_dir)
+    assert new != old and not running(old)
+    assert failures == [], failures[:5]
+    assert routed(port).text == "hello"
+    loop.run(second.close())
+
+
+def test_a_router_that_dies_is_replaced_with_every_route(setup, app: int) -> None:
+    loop, run_dir, port = setup
+    router = start(loop, run_dir, port)
+    loop.call(router.set_app, "hello", ["hello.localhost"], [("127.0.0.1", app)])
+    [pid] = pids(run_dir)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):  # the watcher looks every second
+        if (found := pids(run_dir)) and found != [pid]:
+            break
+        threading.Event().wait(0.1)
+    assert found and found != [pid]
+    assert routed(port).text == "hello"
+    loop.run(router.close())
+
+
+def test_a_busy_port_is_refused_with_the_reason(setup) -> None:
+    loop, run_dir, _ = setup
+    with process_impl.listening_socket("127.0.0.1", 0) as taken:
+        router = RouterProcess("127.0.0.1", taken.getsockname()[1], run_dir, run_dir.parent / "router.log")
+        with pytest.raises(OSError, match="in use"):
+            loop.run(router.start())
+    assert pids(run_dir) == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")
+def test_the_router_runs_unprivileged_under_root(setup, app: int) -> None:
+    loop, run_dir, port = setup
+    router = start(loop, run_dir, port)
+    [pid] = pids(run_dir)
+    uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:4]
+    assert "0" not in uids
+    loop.run(router.close())
+
+
+def test_stop_routers_stops_it(setup) -> None:
+    loop, run_dir, port = setup
+    router = start(loop, run_dir, port)
+    [pid] = pids(run_dir)
+    loop.run(router.close())
+    assert stop_routers(run_dir) == 1
+    assert not running(pid) and pids(run_dir) == []
+    with pytest.raises(httpx.ConnectError):
+        routed(port)
