@@ -205,6 +205,7 @@ class Deployments:
                 cache = self.workspace / app / "cache"
                 sandbox = self.scheduler.sandbox(app)
                 if sandbox is not None:
+                    await self._adopt_trees(app)
                     await asyncio.to_thread(sandbox.hand_over_tree, build_dir)
                 async with self._builds:
                     result = await self.builder.build(build_dir, detection, cache,
@@ -286,6 +287,7 @@ class Deployments:
                 return None
             if not Path(base.artifact).is_dir():
                 raise PipelineInputError(f"the build of v{base.version} is no longer on disk; push again to rebuild")
+            await self._adopt_trees(app)
 
             def emit(line: str) -> None:
                 say(line)
@@ -309,6 +311,7 @@ class Deployments:
             latest = self.ledger.latest(app)
             if latest is None:
                 return None
+            await self._adopt_trees(app)
             env = self._process_env(app, latest.version, latest.artifact, latest.build_env, latest.config,
                                     latest.app_json)
             try:
@@ -362,6 +365,25 @@ class Deployments:
         self._newest_push.pop(app, None)
 
     # helpers
+
+    async def _adopt_trees(self, app: str) -> None:
+        """The app's builds and caches become its user's if another user made them: DevFlow ran every app as
+        `nobody` before apps had uids of their own, and `--app-user` may change. Once per user: a record the
+        app cannot write says whose they are."""
+        user = self.scheduler.sandbox(app)
+        if user is None:
+            return
+        record = self.workspace / app / "owner"
+        try:
+            if record.read_text().strip() == str(user.uid):
+                return
+        except FileNotFoundError:
+            pass
+        for tree in [self.workspace / app / "cache", *(self.workspace / app / "builds").glob("*")]:
+            if tree.is_dir() and not tree.is_symlink():
+                await asyncio.to_thread(user.hand_over_tree, tree)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"{user.uid}\n")
 
     def _process_env(self, app: str, version: int, artifact: str, build_env: dict[str, str],
                      config: dict[str, str], app_json: dict) -> dict[str, str]:

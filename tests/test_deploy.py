@@ -533,8 +533,23 @@ def test_each_app_runs_as_its_own_uid_and_cannot_read_another(live: Daemon) -> N
 def test_app_user_runs_every_app_as_one_named_user(tmp_path_factory) -> None:
     d = start_daemon(tmp_path_factory.mktemp("shared-user"), extra_args=("--app-user", "nobody"))
     try:
-        push(d, app_repo(d, "snoop", "shared"), "shared")
+        repo = app_repo(d, "snoop", "shared")
+        push(d, repo, "shared")
         assert get(d, "shared").text.split()[1] == str(pwd.getpwnam("nobody").pw_uid)
+        # Back to a uid per app, as when a DevFlow that ran every app as nobody is upgraded: the app comes
+        # back as its own user, and its builds and caches become its own.
+        stop_daemon(d, stop_apps=False)
+        stop_app_processes(d.data)
+        d.extra_args = ("--apps-dir", str(d.apps_dir))
+        launch(d)
+        uid = int(get(d, "shared").text.split()[1])
+        assert uid >= 700_000_000
+        trees = [d.apps_dir / "shared" / tree for tree in ("cache", "builds")]
+        owners = {path.lstat().st_uid for tree in trees for path in tree.rglob("*")}
+        assert owners == {uid}
+        commit(repo, "redeploy", allow_empty=True)
+        push(d, repo, "shared")
+        assert int(get(d, "shared").text.split()[1]) == uid
     finally:
         stop_daemon(d)
 

@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import pwd
+import signal
 import socket
 import sys
 import threading
@@ -34,10 +35,10 @@ def control_path(run_dir: Path, pid: int) -> Path:
 class RouterService:
     """Answers control requests (on its own threads) by acting on the router (on the loop)."""
 
-    def __init__(self, router: BuiltinRouter, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, router: BuiltinRouter, loop: asyncio.AbstractEventLoop, version: str) -> None:
         self.router = router
         self.loop = loop
-        self.version = code_version()
+        self.version = version
         self.retired = asyncio.Event()
         self._listening = False
 
@@ -114,10 +115,12 @@ async def run(run_dir: Path) -> None:
     finally:
         os.umask(old_umask)
     listener.listen()
+    version = code_version()  # while the source is readable: a private checkout is not, to nobody
     drop_privileges()
     router = BuiltinRouter("", 0)
-    service = RouterService(router, asyncio.get_running_loop())
+    service = RouterService(router, asyncio.get_running_loop(), version)
     threading.Thread(target=service.serve, args=(listener,), name="control", daemon=True).start()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, service.retired.set)
     gc.freeze()  # what is loaded now lives as long as the process: collections need not walk it
     await service.retired.wait()
     log.info("router %d retiring: in-flight requests finish, then it exits", os.getpid())
