@@ -25,12 +25,21 @@ from conftest import DEVFLOW, ROOT, Daemon, devflow, free_port, keygen, start_da
 from gitd.daemon import hook_socket_path
 from gitd.database import MIGRATIONS
 from gitd.settings import Settings
+from runtime.router.process_impl import stop_routers
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh") is None or shutil.which("git") is None,
                                 reason="needs the C git and OpenSSH clients")
 
 STARTUP_POLLS = 300  # x 0.1 s: a hang guard, not a timing assertion
 SHUTDOWN_WAIT = 30
+
+
+@pytest.fixture(autouse=True)
+def no_router_left(tmp_path: Path) -> Iterator[None]:
+    """The router process outlives `devflow up` by design: each test stops those its daemons started."""
+    yield
+    for run_dir in tmp_path.glob("**/run"):
+        stop_routers(run_dir)
 
 
 @dataclasses.dataclass
@@ -240,16 +249,17 @@ def test_flags_beat_environment(tmp_path: Path) -> None:
         assert stop(up.proc) == 0
 
 
-@pytest.mark.parametrize("busy", ["--http-port", "--ssh-port"])
+@pytest.mark.parametrize("busy", ["--http-port", "--ssh-port", "--router-port"])
 def test_port_in_use_is_a_clear_error(tmp_path: Path, busy: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        ports = {"--http-port": str(free_port()), "--ssh-port": str(free_port()), busy: str(port)}
+        ports = {"--http-port": str(free_port()), "--ssh-port": str(free_port()),
+                 "--router-port": str(free_port()), busy: str(port)}
         result = subprocess.run(
             [*DEVFLOW, "up", "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1",
-             "--router-port", str(free_port()), *[x for kv in ports.items() for x in kv]],
+             *[x for kv in ports.items() for x in kv]],
             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert_one_error_line(result, f"cannot listen on 127.0.0.1:{port}", "in use")
     assert "serving" not in result.stdout
