@@ -78,21 +78,33 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 def cmd_stop_apps(args: argparse.Namespace) -> int:
     import asyncio
 
+    from gitd.data_dir_lock import DataDirLock
     from runtime.local.cgroups import Cgroups
     from runtime.local.scheduler import LocalScheduler
     from runtime.process_logs import ProcessLogs
     from runtime.router.process_impl import stop_routers
 
     settings = _settings(args)
-    scheduler = LocalScheduler(settings.run_dir / "processes", ProcessLogs(settings.logs_dir, settings.log_max_bytes),
-                               cgroups=Cgroups())
-    instances = [i for i in scheduler.instances() if i.alive()]
+    if not settings.data_dir.is_dir():
+        raise SystemExit(f"devflow: {settings.data_dir} is not a DevFlow data directory")
+    lock = DataDirLock(settings.data_dir)
+    try:
+        lock.acquire()
+    except SystemExit:
+        raise SystemExit(f"devflow: a daemon is serving {settings.data_dir}: stop it first, or it brings back "
+                         "what stop-apps stops") from None
+    try:
+        scheduler = LocalScheduler(settings.run_dir / "processes",
+                                   ProcessLogs(settings.logs_dir, settings.log_max_bytes), cgroups=Cgroups())
+        instances = [i for i in scheduler.instances() if i.alive()]
 
-    async def stop_all() -> None:
-        await asyncio.gather(*(scheduler.stop(i) for i in instances))
+        async def stop_all() -> None:
+            await asyncio.gather(*(scheduler.stop(i) for i in instances))
 
-    asyncio.run(stop_all())
-    routers = stop_routers(settings.run_dir)
+        asyncio.run(stop_all())
+        routers = stop_routers(settings.run_dir)
+    finally:
+        lock.release()
     print(f"stopped {len(instances)} app process(es) and {routers} router process(es)")
     return 0
 
@@ -168,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(run=cmd_tokens_create)
 
     stop_apps = sub.add_parser("stop-apps", parents=[data_dir],
-                               help="stop every app process (they keep running when the daemon stops)")
+                               help="stop every app process and the router (they keep running when the daemon "
+                                    "stops); refused while the daemon runs")
     stop_apps.set_defaults(run=cmd_stop_apps)
 
     login = sub.add_parser("login", help="save the daemon URL and token the management commands use")

@@ -51,6 +51,7 @@ from runtime.local.cgroups import Cgroups
 from runtime.local.scheduler import LocalScheduler
 from runtime.process_logs import ProcessLogs
 from runtime.rollout import Rollout
+from runtime.router.control import ControlError
 from runtime.router.process_impl import RouterProcess, listening_socket
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,10 @@ class Daemon:
             PackLimits(hooks_dir=write_hooks(settings.data_dir / "hooks"), max_push_bytes=settings.max_push_bytes),
         )
         self.receiver = PushReceiver()
+        # A uid of its own under root, below the apps': not one any app runs as, so none can signal it.
         self.router = RouterProcess(settings.host, settings.router_port, settings.run_dir,
-                                    settings.logs_dir / "router.log")
+                                    settings.logs_dir / "router.log",
+                                    uid=settings.app_uid_base - 1 if os.getuid() == 0 else None)
         logs = ProcessLogs(settings.logs_dir, settings.log_max_bytes)
         scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups())
         self.rollout = Rollout(scheduler, self.router, logs)
@@ -176,6 +179,8 @@ class Daemon:
             await self.router.start()
         except OSError as exc:
             raise cannot_listen(s.host, s.router_port, exc) from None
+        except ControlError as exc:
+            raise SystemExit(f"devflow: the router did not start: {exc}") from None
         # Apps first: by the time the daemon answers, every app is routed again.
         await self.deployments.restore()
         await self.hooks.start()

@@ -30,6 +30,7 @@ from pipeline.release_ledger import ReleaseLedger, ReleaseRecord
 from pipeline.schema import Deployment
 from pipeline.tree_export import LocalRepo, export_tree
 from runtime.health import Check
+from runtime.local.app_user import nobody_uid
 from runtime.local.scheduler import LocalScheduler
 from runtime.process_logs import ProcessLogs
 from runtime.rollout import ReleaseSpec, Rollout, RolloutFailed
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
 KEEP_BUILDS = 5
+OWNER_RECORD = "owner"
+"""In an app's directory, root's: the uid its builds and caches belong to."""
 
 
 def now() -> datetime:
@@ -346,7 +349,10 @@ class Deployments:
             if self.settings.stopped(app):
                 await self.rollout.stop_app(app, self.hostnames(app))
                 continue
-            if self.rollout.adopt(app, latest.version, self.hostnames(app), _checks(latest.app_json)):
+            # Processes running as another user than the app's now are restarted, not adopted: its files change
+            # hands before the new processes start.
+            if not self._owner_changed(app) and self.rollout.adopt(app, latest.version, self.hostnames(app),
+                                                                   _checks(latest.app_json)):
                 log.info("re-adopted the running processes of %s v%s", app, latest.version)
                 continue
             try:
@@ -368,22 +374,31 @@ class Deployments:
 
     async def _adopt_trees(self, app: str) -> None:
         """The app's builds and caches become its user's if another user made them: DevFlow ran every app as
-        `nobody` before apps had uids of their own, and `--app-user` may change. Once per user: a record the
-        app cannot write says whose they are."""
+        `nobody` before apps had uids of their own, and `--app-user` may change. A record the app cannot write
+        says whose they are."""
         user = self.scheduler.sandbox(app)
-        if user is None:
+        previous = self._recorded_owner(app)
+        if user is None or previous == user.uid:
             return
-        record = self.workspace / app / "owner"
-        try:
-            if record.read_text().strip() == str(user.uid):
-                return
-        except FileNotFoundError:
-            pass
+        if previous is None:  # made before the record: by the one user every app ran as then
+            previous = nobody_uid()
         for tree in [self.workspace / app / "cache", *(self.workspace / app / "builds").glob("*")]:
             if tree.is_dir() and not tree.is_symlink():
-                await asyncio.to_thread(user.hand_over_tree, tree)
+                await asyncio.to_thread(user.take_over_tree, tree, previous)
+        record = self.workspace / app / OWNER_RECORD
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(f"{user.uid}\n")
+
+    def _owner_changed(self, app: str) -> bool:
+        """The app's trees belong to another user than the one it runs as now (see `_adopt_trees`)."""
+        user = self.scheduler.sandbox(app)
+        return user is not None and self._recorded_owner(app) != user.uid
+
+    def _recorded_owner(self, app: str) -> int | None:
+        try:
+            return int((self.workspace / app / OWNER_RECORD).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
     def _process_env(self, app: str, version: int, artifact: str, build_env: dict[str, str],
                      config: dict[str, str], app_json: dict) -> dict[str, str]:

@@ -536,10 +536,9 @@ def test_app_user_runs_every_app_as_one_named_user(tmp_path_factory) -> None:
         repo = app_repo(d, "snoop", "shared")
         push(d, repo, "shared")
         assert get(d, "shared").text.split()[1] == str(pwd.getpwnam("nobody").pw_uid)
-        # Back to a uid per app, as when a DevFlow that ran every app as nobody is upgraded: the app comes
-        # back as its own user, and its builds and caches become its own.
+        # Back to a uid per app, as when a DevFlow that ran every app as nobody is upgraded: the app, still
+        # running as nobody, is restarted as its own user, and its builds and caches become its own.
         stop_daemon(d, stop_apps=False)
-        stop_app_processes(d.data)
         d.extra_args = ("--apps-dir", str(d.apps_dir))
         launch(d)
         uid = int(get(d, "shared").text.split()[1])

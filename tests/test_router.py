@@ -649,6 +649,26 @@ def test_request_is_retried_when_the_app_drops_a_reused_connection(proxy: Router
     assert statuses <= {200, 502}  # a body may have been consumed: never sent twice
 
 
+def test_a_post_is_never_sent_twice_even_without_a_body(proxy: RouterThread) -> None:
+    """The app may have acted on a POST it read before closing the connection: no retry, a 502 instead."""
+    seen: list[bytes] = []
+
+    def serve(conn: socket.socket, f: BinaryIO) -> None:
+        read_request_head(f)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        seen.append(read_request_head(f).split(b" ", 1)[0])  # the second request on a connection: read, then close
+
+    app = RawApp(serve)
+    try:
+        proxy.router.set_app("once", ["once.localhost"], [("127.0.0.1", app.port)])
+        with proxy.client("once.localhost") as client:
+            assert client.get("/").status_code == 200
+            assert client.post("/").status_code == 502
+    finally:
+        app.stop()
+    assert seen == [b"POST"]
+
+
 def test_close_lets_requests_in_flight_finish(apps: tuple[AppServer, AppServer]) -> None:
     one = apps[0]
     one.sse_acks, one.sse_timeouts = [threading.Event() for _ in range(2)], 0

@@ -87,7 +87,7 @@ def pids(run_dir: Path) -> list[int]:
     routers = live_routers(run_dir)
     for client, _ in routers:
         client.close()
-    return [hello["pid"] for _, hello in routers]
+    return [client.pid for client, _ in routers]
 
 
 def start(loop: Daemonless, run_dir: Path, port: int) -> RouterProcess:
@@ -163,6 +163,32 @@ def test_a_router_that_dies_is_replaced_with_every_route(setup, app: int) -> Non
             break
         threading.Event().wait(0.1)
     assert found and found != [pid]
+    assert routed(port).text == "hello"
+    loop.run(router.close())
+
+
+def test_a_wedged_router_is_replaced(setup, app: int) -> None:
+    loop, run_dir, port = setup
+    router = start(loop, run_dir, port)
+    loop.call(router.set_app, "hello", ["hello.localhost"], [("127.0.0.1", app)])
+    [pid] = pids(run_dir)
+    os.kill(pid, signal.SIGSTOP)  # alive, but it answers nothing
+    for _ in range(300):  # the watcher asks every second and waits 5 s for an answer
+        if not running(pid):
+            break
+        threading.Event().wait(0.1)
+    assert not running(pid)
+    assert routed(port).text == "hello"
+    loop.run(router.close())
+
+
+def test_a_change_the_router_cannot_take_is_not_lost(setup, app: int) -> None:
+    loop, run_dir, port = setup
+    router = start(loop, run_dir, port)
+    [pid] = pids(run_dir)
+    os.kill(pid, signal.SIGSTOP)
+    loop.call(router.set_app, "hello", ["hello.localhost"], [("127.0.0.1", app)])  # once a router routes it
+    assert not running(pid)
     assert routed(port).text == "hello"
     loop.run(router.close())
 

@@ -583,7 +583,8 @@ async def _link_tree(source: Path, target: Path, tools: _Tools) -> None:
     link the app swaps in while the walk is under way.
     """
     if await tools.output(["cp", "-a", "--link", str(source), str(target)], cwd=source.parent) is None:
-        await asyncio.to_thread(shutil.rmtree, target, ignore_errors=True)
+        tools.log("Cannot hard-link node_modules from the cache (another filesystem?): copying it")
+        await tools.run(["rm", "-rf", str(target)], cwd=source.parent)
         await tools.run(["cp", "-a", str(source), str(target)], cwd=source.parent)
 
 

@@ -103,6 +103,26 @@ class AppUser:
                 os.chown(name, self.uid, self.gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
+    def take_over_tree(self, directory: Path, previous_uid: int) -> None:
+        """A tree `previous_uid` made (an app's builds and caches, before it had a uid of its own) becomes this
+        user's: only what that uid owns changes hands, so a link it made to someone else's file (or root's)
+        gives nothing away; nothing is followed, as in `hand_over_tree`."""
+        for _, dirs, files, dir_fd in os.fwalk(directory, follow_symlinks=False):
+            for name in dirs + files:
+                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == previous_uid:
+                    os.chown(name, self.uid, self.gid, dir_fd=dir_fd, follow_symlinks=False)
+        if os.lstat(directory).st_uid in (previous_uid, self.uid):
+            self.hand_over(directory)
+
+
+def nobody_uid() -> int:
+    """The traditional unprivileged user: apps all ran as it before they had uids of their own."""
+    try:
+        return pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return 65534
+
+
 AppUsers = Callable[[str], AppUser]
 """App name -> the user its builds and processes run as."""
 

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 # Why reading from the client is paused; reading resumes when no reason is left.
 PIPELINED, BUFFERING, UPSTREAM_FULL, BROKEN = 1, 2, 4, 8
-MAX_RETRIES = 2
 # Many apps ignore a body on these methods and would read it as the next request on a reused connection.
 BODILESS_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
 
@@ -250,7 +249,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, exchange: Exchange) -> None:
         order = exchange.route.rotation()
-        if exchange.retries:  # the app closed a reused connection under the request: this time a new one
+        if exchange.retries:  # the app closed a reused connection under the request: this time a new one, once
             max_idle = -1.0
         elif exchange.retryable:
             max_idle = self._config.pool_idle_timeout
@@ -329,7 +328,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if exchange.response_started:
             self.transport.abort()  # the client must see a cut response, never a complete-looking one
-        elif retry and conn.reused and not conn.received and exchange.retryable and exchange.retries < MAX_RETRIES:
+        elif retry and conn.reused and not conn.received and exchange.retryable and not exchange.retries:
             exchange.retries += 1  # the app closed an idle keep-alive connection as we sent on it
             exchange.pending = [exchange.request.head]
             self._dispatch(exchange)

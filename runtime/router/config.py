@@ -20,10 +20,10 @@ class RouterConfig:
     pool_idle_timeout: float = 60.0
     """Idle upstream connections are kept this long, as nginx does: a new connection costs a thread-per-connection
     app (the stdlib's, gunicorn's gthread) a thread start. Apps close theirs sooner (gunicorn after 2 s, uvicorn
-    and Node after 5 s); the router sees the close and drops the connection, and a request that meets one closing
-    as it is sent goes again on a new connection."""
+    and Node after 5 s); the router sees the close and drops the connection. An idempotent request without a body
+    that meets one closing as it is sent, before any answer, goes again once, on a new connection."""
     safe_reuse_idle: float = 1.5
-    """A request that cannot go twice (it has a body) reuses only a connection idle for less than this: shorter
+    """Any other request (a body, or a method like POST) reuses only a connection idle for less than this: shorter
     than common app servers' keep-alive timeouts, so the app will not close it as the request arrives."""
     buffer_bytes: int = 256 * 1024
     """Request body held while an upstream is being connected before the client is paused."""

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 from runtime.router.headers import Request
 
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
 if TYPE_CHECKING:
     from runtime.router.client import ClientConnection
     from runtime.router.routes import Route
@@ -47,5 +49,8 @@ class Exchange:
 
     @property
     def retryable(self) -> bool:
-        """Nothing but the head was sent, so the request can go to another connection unchanged."""
-        return self.request is not None and not self.request.has_body and not self.request.upgrade
+        """The request can go again on another connection: it is all head, and idempotent (RFC 9110 9.2.2),
+        as the app may have acted on it before closing the connection."""
+        request = self.request
+        return (request is not None and request.method in IDEMPOTENT_METHODS and not request.has_body
+                and not request.upgrade)

@@ -1,13 +1,15 @@
 """The Router role as the daemon plays it: the built-in router in a process of its own (runtime.router.standalone).
 
 The process outlives the daemon, as app processes do, so apps stay reachable while the daemon restarts. A
-starting daemon adopts a running router that runs the same code on the same address; any other it replaces,
-handing the listening socket itself to the successor, which has the routes before it accepts a connection.
+starting daemon adopts a running router that runs the same code on the same address. A router with other
+code on that address hands its listening socket to a successor, which has every route before it accepts a
+connection; one on another address is retired.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -34,25 +36,27 @@ Routes = dict[str, tuple[list[str], list[tuple[str, int]]]]
 
 
 class RouterProcess:
-    """`set_app` and `remove_app` return once the router process routes accordingly.
+    """`set_app` and `remove_app` return once the router process routes accordingly; a router process that
+    cannot (it died, or stopped answering) is replaced first, with every route, which are mirrored here.
 
-    The routes are mirrored here, so a router process that dies is replaced with all of them.
+    Under root the process runs as `uid` (None: `nobody`).
     """
 
-    def __init__(self, host: str, port: int, run_dir: Path, log_path: Path) -> None:
+    def __init__(self, host: str, port: int, run_dir: Path, log_path: Path, uid: int | None = None) -> None:
         self.host = host
         self.port = port
         self.run_dir = run_dir
         self.log_path = log_path
+        self.uid = uid
         self._routes: Routes = {}
         self._client: ControlClient | None = None
         self._proc: subprocess.Popen | None = None
-        self._pid = 0
         self._watch: asyncio.Task[None] | None = None
-        self._changing = threading.Lock()  # a change waits while a new process gets the routes
+        self._changing = threading.Lock()  # one change at a time, and none while a process is replaced
 
     async def start(self) -> None:
-        """Adopt or start the router process. Raises OSError when the address cannot be listened on."""
+        """Adopt or start the router process. Raises OSError when the address cannot be listened on, and
+        ControlError when a router process does not start."""
         await asyncio.to_thread(self._start)
         self._watch = asyncio.create_task(self._watch_process())
 
@@ -76,68 +80,89 @@ class RouterProcess:
             self._send("remove", app=app)
 
     def _send(self, op: str, **fields: object) -> None:
+        """Caller holds `_changing`."""
         if self._client is None:
             return
         try:
             self._client.call(op, **fields)
         except ControlError:
-            # The watcher replaces the process with every route, this one included.
-            log.exception("router: %s did not reach the router process %d", op, self._pid)
+            log.exception("router: the router process %d did not take %r; replacing it", self._client.pid, op)
+            self._replace()  # the new process gets every route, this one included
 
     # the process
 
     def _start(self) -> None:
         routers = live_routers(self.run_dir)
-        address = resolve(self.host, self.port)
-        keep = next((entry for entry in routers if _adoptable(entry[1], address)), None)
-        if keep is not None:
-            self._client, hello = keep
-            self._pid, self.port = hello["pid"], hello["listening"][1]
-            self._routes = _mirror(hello)
-            log.info("router: adopted the router process %d on %s:%d", self._pid, self.host, self.port)
-        else:
-            predecessor = next((e for e in routers if e[1]["listening"] == list(address)), None)
-            if predecessor is not None:
-                # Other code on the same address: the successor takes over the very socket, and the routes.
-                _, fd = predecessor[0].call("handover")
-                sock = socket.socket(fileno=fd)
-                self._routes = _mirror(predecessor[1])
-            else:
-                for client, hello in routers:  # another address: they may hold the port wanted now
-                    retire(client, hello["pid"])
-                routers = []
-                sock = listening_socket(*address)
-            try:
-                with self._changing:
-                    self._launch(sock)
-            finally:
-                sock.close()
-            log.info("router: started the router process %d on %s:%d", self._pid, self.host, self.port)
-        for client, hello in routers:
+        try:
+            self._adopt_or_launch(routers)
+        except BaseException:
+            for client, _ in routers:  # they keep routing: better old routes than none
+                if client is not self._client:
+                    client.close()
+            raise
+        for client, _ in routers:
             if client is not self._client:
-                retire(client, hello["pid"])
+                retire(client)
+
+    def _adopt_or_launch(self, routers: list[tuple[ControlClient, dict]]) -> None:
+        address = resolve(self.host, self.port)
+        hellos = dict(routers)
+        keep = next((client for client, hello in routers if _adoptable(hello, address)), None)
+        if keep is not None:
+            self._client, self._routes = keep, _mirror(hellos[keep])
+            self.port = hellos[keep]["listening"][1]
+            log.info("router: adopted the router process %d on %s:%d", keep.pid, self.host, self.port)
+            return
+        predecessor = next((c for c, hello in routers if hello["listening"] == list(address)), None)
+        if predecessor is not None:
+            # Other code on this address: the successor takes over the very socket, and the routes.
+            _, fd = predecessor.call("handover", expect_fd=True)
+            sock = socket.socket(fileno=fd)
+            self._routes = _mirror(hellos[predecessor])
+        else:
+            sock = self._bind_retiring(routers)
+        with self._changing, sock:
+            self._launch(sock)
+        log.info("router: started the router process %d on %s:%d", self._client.pid, self.host, self.port)
+
+    def _bind_retiring(self, routers: list[tuple[ControlClient, dict]]) -> socket.socket:
+        """A new listening socket; routers on another address are retired only if they hold the port."""
+        try:
+            return listening_socket(self.host, self.port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or not routers:
+                raise
+        for client, _ in routers:
+            retire(client)
+        routers.clear()
+        return listening_socket(self.host, self.port)
 
     def _launch(self, sock: socket.socket) -> None:
-        """A new router process: it gets the routes first, then the socket to accept on."""
+        """A new router process: it gets the routes first, then the socket to accept on. Caller holds
+        `_changing`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "runtime.router.standalone", str(self.run_dir)]
         with self.log_path.open("ab") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "runtime.router.standalone", str(self.run_dir)],
+                [*argv, str(self.uid)] if self.uid is not None else argv,
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, cwd="/",
                 env={"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": os.pathsep.join(sys.path)},
             )
+        client = None
         try:
             client = self._connect(proc)
-            for app, (hostnames, upstreams) in list(self._routes.items()):
+            for app, (hostnames, upstreams) in self._routes.items():
                 client.call("set", app=app, hostnames=hostnames, upstreams=[list(a) for a in upstreams])
             reply, _ = client.call("listen", fd=sock.fileno())
         except BaseException:
+            if client is not None:
+                client.close()
             proc.kill()
             proc.wait()
             raise
         if self._client is not None:
             self._client.close()
-        self._client, self._proc, self._pid, self.port = client, proc, proc.pid, reply["port"]
+        self._client, self._proc, self.port = client, proc, reply["port"]
 
     def _connect(self, proc: subprocess.Popen) -> ControlClient:
         path = control_path(self.run_dir, proc.pid)
@@ -150,34 +175,58 @@ class RouterProcess:
             except (FileNotFoundError, ConnectionRefusedError):
                 time.sleep(0.02)
                 continue
-            client.call("hello")
+            try:
+                client.call("hello")
+            except ControlError:
+                client.close()
+                raise
             return client
         raise ControlError(f"the router process did not start within {START_TIMEOUT:g}s; see {self.log_path}")
 
+    def _replace(self) -> None:
+        """Kill the router process (dead, wedged or deaf) and start another with every route. Caller holds
+        `_changing`."""
+        if self._client is not None:
+            pid = self._client.pid
+            self._client.close()
+            self._client = None
+            _kill(pid)
+        if self._proc is not None:
+            self._proc.wait(STOP_TIMEOUT)  # reap our own child
+            self._proc = None
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while True:  # the killed process's listening socket can outlive it by a moment
+            try:
+                sock = listening_socket(self.host, self.port)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        with sock:
+            self._launch(sock)
+        log.info("router: the router process %d replaces the one that failed", self._client.pid)
+
     async def _watch_process(self) -> None:
-        """Replace a router process that died, with every route and a fresh socket."""
+        """Replace a router process that died or stopped answering."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            if self._alive():
-                continue
-            log.error("router: the router process %d died; starting another (see %s)", self._pid, self.log_path)
             try:
-                await asyncio.to_thread(self._relaunch)
-            except (OSError, ControlError):
-                log.exception("router: could not start another router process; trying again")
+                await asyncio.to_thread(self._check)
+            except Exception:  # the watcher must outlive any one failure
+                log.exception("router: could not replace the router process; trying again")
 
-    def _relaunch(self) -> None:
-        sock = listening_socket(self.host, self.port)
-        try:
-            with self._changing:
-                self._launch(sock)
-        finally:
-            sock.close()
-
-    def _alive(self) -> bool:
-        if self._proc is not None:
-            return self._proc.poll() is None
-        return running(self._pid)
+    def _check(self) -> None:
+        with self._changing:
+            if self._client is None:
+                self._replace()
+                return
+            try:
+                self._client.call("hello")
+            except ControlError:
+                log.error("router: the router process %d is gone or does not answer; replacing it (see %s)",
+                          self._client.pid, self.log_path)
+                self._replace()
 
 
 def _adoptable(hello: dict, address: tuple[str, int]) -> bool:
@@ -190,23 +239,18 @@ def _mirror(hello: dict) -> Routes:
     return {app: (r["hostnames"], [(h, p) for h, p in r["upstreams"]]) for app, r in hello["routes"].items()}
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def resolve(host: str, port: int) -> tuple[str, int]:
-    """The address a socket for `host` reports (`localhost` is 127.0.0.1), to compare with a router's."""
-    *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    """The address a listening socket for `host` reports (`localhost` is 127.0.0.1), to compare with a router's."""
+    *_, address = socket.getaddrinfo(host, port, _family(host), socket.SOCK_STREAM)[0]
     return address[0], port
 
 
-def running(pid: int) -> bool:
-    """A router process runs under `pid` (its command line says so: not a zombie, not a reused pid)."""
-    try:
-        return b"runtime.router.standalone" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def listening_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -218,7 +262,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def live_routers(run_dir: Path) -> list[tuple[ControlClient, dict]]:
-    """The router processes that answer, each with its hello; sockets nobody answers on are removed."""
+    """The router processes of this run dir, each with its hello. A socket nobody listens on is removed; a
+    router that does not answer is killed, as it would hold its port and routes forever."""
     found = []
     for path in sorted(run_dir.glob("router-*.sock")):
         try:
@@ -226,19 +271,24 @@ def live_routers(run_dir: Path) -> list[tuple[ControlClient, dict]]:
         except (ConnectionRefusedError, FileNotFoundError):
             path.unlink(missing_ok=True)
             continue
-        except OSError:
+        except OSError as exc:
+            log.warning("router: cannot reach the router process at %s: %s", path, exc)
             continue
         try:
             hello, _ = client.call("hello")
         except ControlError:
+            log.error("router: the router process %d does not answer; killing it", client.pid)
             client.close()
+            _kill(client.pid)
+            path.unlink(missing_ok=True)
             continue
         found.append((client, hello))
     return found
 
 
-def retire(client: ControlClient, pid: int) -> None:
+def retire(client: ControlClient) -> None:
     """Ask a router process to finish its requests in flight and exit; wait for it, kill it past the timeout."""
+    pid = client.pid
     try:
         client.call("retire")
     except ControlError:
@@ -247,18 +297,45 @@ def retire(client: ControlClient, pid: int) -> None:
         client.close()
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
-        if not running(pid):
+        if _exited(pid):
             return
         time.sleep(0.05)
+    _kill(pid)
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL, and wait until the process has let go of its sockets (a zombie has)."""
+    if not running(pid):
+        return
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _exited(pid: int) -> bool:
+    """Gone or a zombie: past closing its files (its command line empties earlier, before that)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def running(pid: int) -> bool:
+    """A router process runs under `pid` (its command line says so: not a zombie, not a reused pid)."""
+    try:
+        return b"runtime.router.standalone" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def stop_routers(run_dir: Path) -> int:
-    """Stop every router process of this data dir (`devflow stop-apps`); returns how many there were."""
+    """Stop every router process of this run dir (`devflow stop-apps`); returns how many there were."""
     routers = live_routers(run_dir)
-    for client, hello in routers:
-        retire(client, hello["pid"])
+    for client, _ in routers:
+        retire(client)
     return len(routers)

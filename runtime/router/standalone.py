@@ -1,8 +1,9 @@
-"""The built-in router in a process of its own: `python -m runtime.router.standalone RUN_DIR`.
+"""The built-in router in a process of its own: `python -m runtime.router.standalone RUN_DIR [UID]`.
 
 The daemon starts it and drives it over a control socket (runtime.router.control). Apart from the daemon,
 it keeps routing while the daemon restarts or is upgraded, no daemon work (a build, a git pack, an API call)
-holds up a request, and the code that parses requests from the network runs as `nobody`, not root.
+holds up a request, and the code that parses requests from the network does not run as root: started by
+root, it switches to UID (by default `nobody`) once its control socket exists.
 
 It never binds: the daemon hands it a listening socket, its own or the previous router's.
 """
@@ -13,19 +14,18 @@ import asyncio
 import gc
 import logging
 import os
-import pwd
 import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
+from runtime.local.app_user import nobody_uid
 from runtime.router.builtin_impl import BuiltinRouter
 from runtime.router.control import Channel, code_version
 
 log = logging.getLogger("runtime.router")
-
-UNPRIVILEGED = "nobody"
 
 
 def control_path(run_dir: Path, pid: int) -> Path:
@@ -44,7 +44,12 @@ class RouterService:
 
     def serve(self, listener: socket.socket) -> None:
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # out of descriptors, say: the daemon tries again
+                log.exception("router: cannot accept a control connection")
+                time.sleep(0.1)
+                continue
             threading.Thread(target=self._converse, args=(Channel(conn),), daemon=True).start()
 
     def _converse(self, channel: Channel) -> None:
@@ -56,7 +61,14 @@ class RouterService:
                 except Exception as exc:  # any failure is the requester's to report
                     log.exception("router: control request %r failed", message.get("op"))
                     reply, reply_fd = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, None
-                channel.send(reply, reply_fd)
+                finally:
+                    if fd is not None and message.get("op") != "listen":  # listen's socket owns its fd
+                        os.close(fd)
+                try:
+                    channel.send(reply, reply_fd)
+                finally:
+                    if reply_fd is not None:
+                        os.close(reply_fd)
         except (OSError, ValueError):
             pass  # the daemon went away: it reconnects when it starts again
         finally:
@@ -85,29 +97,34 @@ class RouterService:
             self._listening = True
             return {"ok": True, "port": self.router.port}, None
         if op == "handover":
-            return {"ok": True}, self.router.listening_fd()
+            # A copy made on the loop, where the server may close: never a number reused meanwhile.
+            dup = asyncio.run_coroutine_threadsafe(self._listening_copy(), self.loop).result()
+            return {"ok": True}, dup
         if op == "retire":
             self.loop.call_soon_threadsafe(self.retired.set)
             return {"ok": True}, None
         return {"ok": False, "error": f"unknown request {op!r}"}, None
 
+    async def _listening_copy(self) -> int:
+        if self.retired.is_set():
+            raise RuntimeError("this router is retiring")
+        return os.dup(self.router.listening_fd())
 
-def drop_privileges() -> None:
+
+def drop_privileges(uid: int | None) -> None:
     """Root only: the router needs no privilege once it has its sockets."""
     if os.getuid() != 0:
         return
-    try:
-        user = pwd.getpwnam(UNPRIVILEGED)
-        uid, gid = user.pw_uid, user.pw_gid
-    except KeyError:
-        uid = gid = 65534
+    if uid is None:
+        uid = nobody_uid()
     os.setgroups([])
-    os.setgid(gid)
+    os.setgid(uid)
     os.setuid(uid)
 
 
-async def run(run_dir: Path) -> None:
+async def run(run_dir: Path, uid: int | None) -> None:
     path = control_path(run_dir, os.getpid())
+    path.unlink(missing_ok=True)  # left by a process that had this pid before
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # only the daemon's user may connect
     try:
@@ -116,7 +133,7 @@ async def run(run_dir: Path) -> None:
         os.umask(old_umask)
     listener.listen()
     version = code_version()  # while the source is readable: a private checkout is not, to nobody
-    drop_privileges()
+    drop_privileges(uid)
     router = BuiltinRouter("", 0)
     service = RouterService(router, asyncio.get_running_loop(), version)
     threading.Thread(target=service.serve, args=(listener,), name="control", daemon=True).start()
@@ -128,16 +145,17 @@ async def run(run_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m runtime.router.standalone RUN_DIR", file=sys.stderr)
+    if len(argv) not in (1, 2) or (len(argv) == 2 and not argv[1].isdigit()):
+        print("usage: python -m runtime.router.standalone RUN_DIR [UID]", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router[%(process)d] %(levelname)s %(message)s")
+    main_coro = run(Path(argv[0]), int(argv[1]) if len(argv) == 2 else None)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(run(Path(argv[0])))
+        asyncio.run(main_coro)
     else:
-        uvloop.run(run(Path(argv[0])))
+        uvloop.run(main_coro)
     return 0
 
 
