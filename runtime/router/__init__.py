@@ -1,6 +1,8 @@
 """The Router role: send each request for an app's host names to one of its healthy web processes.
 
-Implementations: `builtin_impl` (embedded default); Caddy and Kubernetes Ingress take the same calls.
+Implementations: `process_impl` (the embedded default: `builtin_impl` in a process of its own, `standalone`,
+driven over `control`); `builtin_impl` in the caller's event loop; Caddy and Kubernetes Ingress take the same
+calls.
 """
 
 from __future__ import annotations

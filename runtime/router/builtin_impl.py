@@ -1,4 +1,5 @@
-"""The built-in router: DevFlow's embedded default Router, an HTTP/1.1 reverse proxy on asyncio and httptools.
+"""The built-in router: an HTTP/1.1 reverse proxy on asyncio and httptools. The daemon runs it in a process of
+its own (runtime.router.standalone, driven by process_impl).
 
 Apps are served at their host names on one port; each request goes to the next healthy web process of
 the app (round-robin), and a replica that refuses the connection is skipped for the next one.
