@@ -74,9 +74,13 @@ def test_process_serves_and_logs_with_names(scheduler: LocalScheduler, tmp_path:
 def test_crashed_child_is_restarted(scheduler: LocalScheduler, tmp_path: Path) -> None:
     instance = start(scheduler, tmp_path)
     asyncio.run(wait_healthy(instance, [], lambda line: None))
-    os.kill(instance.status()["child_pid"], signal.SIGKILL)
+    shell = instance.status()["child_pid"]
+    [app] = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()  # sh -c runs the app as its child
+    os.kill(shell, signal.SIGKILL)
     assert wait_for(lambda: instance.status().get("restarts") == 1 and instance.status()["state"] == "running")
     asyncio.run(wait_healthy(instance, [], lambda line: None))
+    stat = Path(f"/proc/{app}/stat")
+    assert not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z"  # the orphan went too
 
 
 def test_crash_loop_gives_up_and_health_check_says_so(scheduler: LocalScheduler, tmp_path: Path) -> None:

@@ -109,6 +109,11 @@ class Supervisor:
         while True:
             assert self.child is not None
             code = self.child.wait()
+            if not self.stopping:
+                # What the command started outlives it (sh -c forks the app; a server's workers): gone with it,
+                # or it keeps the port, and the restarted process cannot bind.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.child.pid, signal.SIGKILL)
             self._drain_output()
             if self.stopping:
                 break
