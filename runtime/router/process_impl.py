@@ -222,7 +222,7 @@ class RouterProcess:
                 self._replace()
                 return
             try:
-                self._client.call("hello")
+                self._client.call("ping")
             except ControlError:
                 log.error("router: the router process %d is gone or does not answer; replacing it (see %s)",
                           self._client.pid, self.log_path)

@@ -76,6 +76,8 @@ class RouterService:
 
     def _handle(self, message: dict, fd: int | None) -> tuple[dict, int | None]:
         op = message.get("op")
+        if op == "ping":
+            return {"ok": True}, None
         if op == "hello":
             routes = {app: {"hostnames": list(hosts), "upstreams": [list(a) for a in upstreams]}
                       for app, (hosts, upstreams) in self.router.routes().items()}
