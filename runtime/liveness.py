@@ -71,16 +71,21 @@ class LivenessMonitor:
                 status = instance.status()
                 if not instance.alive() or status.get("started_at") != started_at:
                     continue  # it restarted meanwhile: that pid is not the one that failed
-                self.logs.write(app, instance.name, f"liveness check {check.name!r} failed {failures} times in a row "
-                                                    f"({why}); restarting the process")
+                reason = f"liveness check {check.name!r} failed {failures} times in a row ({why})"
+                self.logs.write(app, instance.name, f"{reason}; restarting the process")
                 log.info("%s %s: liveness check %r failed; restarting", app, instance.name, check.name)
-                await self._restart(status["child_pid"])
+                await self._restart(instance, status["child_pid"], reason)
                 failures = 0
 
-    async def _restart(self, child_pid: int) -> None:
+    async def _restart(self, instance: Instance, child_pid: int, reason: str) -> None:
         """End the process; its supervisor starts it again (SIGTERM, then SIGKILL if it will not go)."""
-        with contextlib.suppress(ProcessLookupError):
+        instance.request_restart(reason)
+        try:
             os.killpg(child_pid, signal.SIGTERM)
+        except ProcessLookupError:
+            instance.withdraw_restart_request()  # it is gone already: its exit was not ours
+            return
+        with contextlib.suppress(ProcessLookupError):
             for _ in range(int(self.kill_after * 10)):
                 await asyncio.sleep(0.1)
                 os.killpg(child_pid, 0)

@@ -83,6 +83,17 @@ def test_crashed_child_is_restarted(scheduler: LocalScheduler, tmp_path: Path) -
     assert not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z"  # the orphan went too
 
 
+def test_a_restart_asked_for_is_not_a_crash(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    instance = start(scheduler, tmp_path)
+    for restarts in range(1, 7):  # more than the 5 quick crashes after which the supervisor gives up
+        asyncio.run(wait_healthy(instance, [], lambda line: None))
+        instance.request_restart("asked by the test")
+        os.killpg(instance.status()["child_pid"], signal.SIGTERM)
+        assert wait_for(lambda n=restarts: instance.status().get("restarts") == n
+                        and instance.status()["state"] == "running")
+    assert any("restarting it as asked: asked by the test" in line for line in scheduler.logs.tail("demo", 50))
+
+
 def test_crash_loop_gives_up_and_health_check_says_so(scheduler: LocalScheduler, tmp_path: Path) -> None:
     instance = start(scheduler, tmp_path, CRASH="1")
     with pytest.raises(HealthCheckFailed, match="exited"):

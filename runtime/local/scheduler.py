@@ -19,6 +19,8 @@ from runtime.local.cgroups import Cgroups, Limits
 from runtime.process_logs import ProcessLogs
 
 SUPERVISOR = "runtime.local.supervisor"
+RESTART_REQUEST = "restart-requested"
+"""In an instance's directory: the supervisor is to take the process's next exit as a restart asked for."""
 RUN_ONCE_TIMEOUT = 3600.0  # release phase and deploy scripts, as Heroku allows
 
 def free_port() -> int:
@@ -49,6 +51,13 @@ class Instance:
     @property
     def name(self) -> str:
         return f"{self.process_type}.{self.index}"
+
+    def request_restart(self, reason: str) -> None:
+        """Tell the supervisor that the process's next exit is a restart asked for, not a crash."""
+        (self.directory / RESTART_REQUEST).write_text(reason + "\n")
+
+    def withdraw_restart_request(self) -> None:
+        (self.directory / RESTART_REQUEST).unlink(missing_ok=True)
 
     @property
     def cgroup(self) -> str:
@@ -104,7 +113,7 @@ class LocalScheduler:
             "app": app, "version": version, "process_type": process_type, "index": index, "port": port,
             "name": instance.name, "command": command, "cwd": str(cwd), "env": env,
             "log": str(self.logs.path(app)), "log_max_bytes": self.logs.max_bytes,
-            "status": str(directory / "status.json"),
+            "status": str(directory / "status.json"), "restart_request": str(directory / RESTART_REQUEST),
             "user": {"uid": user.uid, "gid": user.gid} if user else None,
             "rlimits": rlimits, "cgroup_procs": cgroup_procs, "limits": limits.as_dict(),
             "stop_timeout": self.stop_timeout,

@@ -90,6 +90,19 @@ class Supervisor:
         self.pump.start()
         self.write_status(child_pid=self.child.pid, state="running", started_at=time.time())
 
+    def _take_restart_request(self) -> str | None:
+        """The daemon asked for this exit (a failed liveness check): not a crash, so no backoff, and it does not
+        count toward giving up. The file holds the reason, for the log."""
+        if not self.spec.get("restart_request"):
+            return None
+        path = Path(self.spec["restart_request"])
+        try:
+            reason = path.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return None
+        path.unlink(missing_ok=True)
+        return reason or "no reason given"
+
     def stop(self, *_: object) -> None:
         self.stopping = True
         if self.child and self.child.poll() is None:
@@ -118,6 +131,11 @@ class Supervisor:
             if self.stopping:
                 break
             ran = time.time() - (self.state["started_at"] or time.time())
+            if (request := self._take_restart_request()) is not None:
+                self.log_line(f"process exited with status {code} after {ran:.1f}s; restarting it as asked: {request}")
+                self.write_status(state="restarting", last_exit=code, child_pid=None, restarts=self.state["restarts"] + 1)
+                self.start_child()
+                continue
             fast_crashes = fast_crashes + 1 if ran < fast_seconds else 0
             self.log_line(f"process exited with status {code} after {ran:.1f}s")
             if fast_crashes >= give_up_after:
