@@ -133,7 +133,8 @@ class Supervisor:
             ran = time.time() - (self.state["started_at"] or time.time())
             if (request := self._take_restart_request()) is not None:
                 self.log_line(f"process exited with status {code} after {ran:.1f}s; restarting it as asked: {request}")
-                self.write_status(state="restarting", last_exit=code, child_pid=None, restarts=self.state["restarts"] + 1)
+                self.write_status(state="restarting", last_exit=code, child_pid=None,
+                                  restarts=self.state["restarts"] + 1)
                 self.start_child()
                 continue
             fast_crashes = fast_crashes + 1 if ran < fast_seconds else 0
