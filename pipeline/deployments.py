@@ -384,7 +384,7 @@ class Deployments:
             previous = nobody_uid()
         for tree in [self.workspace / app / "cache", *(self.workspace / app / "builds").glob("*")]:
             if tree.is_dir() and not tree.is_symlink():
-                await asyncio.to_thread(user.take_over_tree, tree, previous)
+                await asyncio.to_thread(user.hand_over_tree, tree, previous)
         record = self.workspace / app / OWNER_RECORD
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(f"{user.uid}\n")

@@ -92,26 +92,18 @@ class AppUser:
         finally:
             os.close(fd)
 
-    def hand_over_tree(self, directory: Path) -> None:
-        """A tree root just wrote (a fresh export): all of it to the user, the top private to it.
+    def hand_over_tree(self, directory: Path, only_from: int | None = None) -> None:
+        """A tree root just wrote (a fresh export): all of it to the user, the top private to it. With
+        `only_from`, a tree that uid made (an app's builds and caches, before it had a uid of its own): only what
+        it owns changes hands, so a link it made to someone else's file (or root's) gives nothing away.
 
         fwalk with dir fds and no symlink following, so nothing in the tree can redirect a chown.
         """
-        self.hand_over(directory)
         for _, dirs, files, dir_fd in os.fwalk(directory, follow_symlinks=False):
             for name in dirs + files:
-                os.chown(name, self.uid, self.gid, dir_fd=dir_fd, follow_symlinks=False)
-
-
-    def take_over_tree(self, directory: Path, previous_uid: int) -> None:
-        """A tree `previous_uid` made (an app's builds and caches, before it had a uid of its own) becomes this
-        user's: only what that uid owns changes hands, so a link it made to someone else's file (or root's)
-        gives nothing away; nothing is followed, as in `hand_over_tree`."""
-        for _, dirs, files, dir_fd in os.fwalk(directory, follow_symlinks=False):
-            for name in dirs + files:
-                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == previous_uid:
+                if only_from is None or os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == only_from:
                     os.chown(name, self.uid, self.gid, dir_fd=dir_fd, follow_symlinks=False)
-        if os.lstat(directory).st_uid in (previous_uid, self.uid):
+        if only_from is None or os.lstat(directory).st_uid in (only_from, self.uid):
             self.hand_over(directory)
 
 

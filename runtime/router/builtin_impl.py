@@ -57,6 +57,11 @@ class BuiltinRouter:
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
         log.info("router listening on %s:%d", self.host, self.port)
 
+    @property
+    def listening(self) -> bool:
+        """Accepting connections: started, and not closing."""
+        return self._server is not None
+
     def listening_fd(self) -> int:
         """The listening socket, for a successor to accept on; still this router's until it closes."""
         if self._server is None:

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 from runtime.router.headers import Request
 
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-
 if TYPE_CHECKING:
     from runtime.router.client import ClientConnection
     from runtime.router.routes import Route
     from runtime.router.upstream import UpstreamConnection
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class Exchange:

@@ -40,7 +40,6 @@ class RouterService:
         self.loop = loop
         self.version = version
         self.retired = asyncio.Event()
-        self._listening = False
 
     def serve(self, listener: socket.socket) -> None:
         while True:
@@ -81,7 +80,7 @@ class RouterService:
         if op == "hello":
             routes = {app: {"hostnames": list(hosts), "upstreams": [list(a) for a in upstreams]}
                       for app, (hosts, upstreams) in self.router.routes().items()}
-            address = [self.router.host, self.router.port] if self._listening else None
+            address = [self.router.host, self.router.port] if self.router.listening else None
             return {"ok": True, "version": self.version, "pid": os.getpid(), "listening": address,
                     "routes": routes}, None
         if op == "set":
@@ -96,7 +95,6 @@ class RouterService:
                 return {"ok": False, "error": "listen needs a listening socket beside the request"}, None
             sock = socket.socket(fileno=fd)
             asyncio.run_coroutine_threadsafe(self.router.start(sock), self.loop).result()
-            self._listening = True
             return {"ok": True, "port": self.router.port}, None
         if op == "handover":
             # A copy made on the loop, where the server may close: never a number reused meanwhile.
