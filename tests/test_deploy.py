@@ -52,7 +52,9 @@ def get(daemon: Daemon, app: str, path: str = "/", **kwargs) -> httpx.Response:
 
 
 def push(daemon: Daemon, repo: Path, app: str, *args: str, check: bool = True):
-    return daemon.git("push", *args, f"{daemon.ssh_url}/{app}.git", "main", cwd=repo, check=check)
+    result = daemon.git("push", *args, f"{daemon.ssh_url}/{app}.git", "main", cwd=repo, check=False)
+    assert result.returncode == 0 or not check, f"git push failed:\n{result.stderr}"
+    return result
 
 
 def remote_head(daemon: Daemon, app: str) -> str:
@@ -347,10 +349,22 @@ def test_daemon_restart_keeps_apps_serving(tmp_path: Path) -> None:
         stop_daemon(daemon)
 
 
+def built_with(tool: str, *values: object) -> object:
+    """A fixture app whose build needs `tool` on the build host (CI installs them all)."""
+    return pytest.param(*values, marks=pytest.mark.skipif(shutil.which(tool) is None,
+                                                          reason=f"needs {tool} on the build host"))
+
+
 @pytest.mark.parametrize("fixture, expected, reused", [
     ("flask", "flask", "Reusing the Python environment"),
     ("node", "node", "Reusing node_modules"),
     ("static", "static", None),
+    built_with("uv", "uv", "uv v1 with six 1.", "Reusing the Python environment"),
+    built_with("poetry", "poetry", "poetry v1 with six 1.", "Reusing the Python environment"),
+    built_with("pipenv", "pipenv", "pipenv v1 with six 1.", "Reusing the Python environment"),
+    built_with("yarn", "yarn", "yarn v1 with ms 1m", "Reusing node_modules"),
+    built_with("pnpm", "pnpm", "pnpm v1 with ms 1m", "Reusing node_modules"),
+    built_with("go", "go", "go v1", None),
 ])
 def test_language_fixtures_deploy_and_reuse_dependencies(live: Daemon, fixture: str, expected: str,
                                                          reused: str | None) -> None:

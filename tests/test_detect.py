@@ -168,7 +168,7 @@ def test_lockfile_beats_requirements_and_says_so(tmp_path):
     detection = detect(tree(tmp_path, {"requirements.txt": "", "uv.lock": "",
                                        "pyproject.toml": '[project]\nname = "a"\nversion = "1"\n'}))
     assert detection.python_manager == "uv"
-    assert "Using uv.lock for Python dependencies; ignoring requirements.txt, pyproject.toml" in detection.notes
+    assert "Using uv.lock for Python dependencies; ignoring requirements.txt" in detection.notes  # uv reads pyproject
 
 
 def test_pyproject_with_only_tool_settings_is_not_an_app(tmp_path):

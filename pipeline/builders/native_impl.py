@@ -128,10 +128,15 @@ class _Tools:
         if executable is None:
             raise BuildError(f"{argv[0]} is not installed on the build host")
         self.log(f"$ {shown}")
-        proc = await asyncio.create_subprocess_exec(
-            executable, *argv[1:], cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            preexec_fn=self.preexec)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                executable, *argv[1:], cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                preexec_fn=self.preexec)
+        except OSError as exc:  # e.g. a tool installed under /root, or a script whose interpreter is there
+            raise BuildError(f"cannot run {executable}: {exc.strerror}. Builds run as the app's user: the tool, "
+                             "and the interpreter a script names, must be readable and executable by all users"
+                             ) from None
         tail: deque[str] = deque(maxlen=40)
         try:
             await asyncio.wait_for(self._pump(proc, tail), self.timeout)

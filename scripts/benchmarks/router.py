@@ -6,8 +6,14 @@ load generator (wrk when installed, else a Python one) runs in its own process a
 through the built-in router in its own process (as the daemon runs it), and through nginx
 (one worker, keep-alive upstream connections). Two loads each: saturation (requests/s) and a paced load at
 half the saturation rate of the slower of direct and router, where added latency is what a proxy costs
-rather than queueing. On a small machine the p99 of a few seconds is noisy, so runs alternate between the
-targets and the medians of several runs are compared.
+rather than queueing.
+
+The paced load is measured two ways. Alternating: the targets take turns, the whole load on one at a time,
+and the medians of several runs are compared. Paired: half the connections go direct and half through the
+proxy at the same moment, to the same app, and each run's difference of p99s is kept. On a small shared
+machine the p99 of a few seconds swings by several milliseconds from one run to the next (steal time,
+vCPU wakeups), which the alternating comparison reads as proxy cost; in a pair both paths live through the
+same seconds, so the difference is what the extra hop costs.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -24,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,15 +65,18 @@ def median_sample(samples: list[Sample]) -> Sample:
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-_DELAY_SCRIPT = "function delay() return {ms} end\n"
+# A think time drawn from 0..2x the mean: with a fixed one, the connections fall into step and the "paced" load
+# becomes bursts of every connection at once, which a single-threaded proxy serves one after the other, so
+# its p99 measures the burst size times its per-request cost rather than the latency one request sees.
+_DELAY_SCRIPT = "function delay() return math.random(0, {twice}) end\n"
 
 
 def wrk(wrk_path: str, port: int, connections: int, seconds: float, delay_ms: int, workdir: Path) -> Sample:
-    """One wrk run; with `delay_ms` each connection waits that long between requests (a paced load)."""
+    """One wrk run; with `delay_ms` each connection waits that long on average between requests (a paced load)."""
     argv = [wrk_path, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-H", f"Host: {HOSTNAME}"]
     if delay_ms:
-        script = workdir / f"delay-{delay_ms}.lua"
-        script.write_text(_DELAY_SCRIPT.format(ms=delay_ms))
+        script = workdir / f"delay-{delay_ms}-{port}.lua"  # one per target: paired runs start two wrk at once
+        script.write_text(_DELAY_SCRIPT.format(twice=2 * delay_ms))
         argv += ["-s", str(script)]
     out = run_quiet([*argv, f"http://{HOST}:{port}/"], timeout=seconds + 60).stdout.decode()
 
@@ -111,7 +122,7 @@ async def _load(port: int, connections: int, seconds: float, delay_ms: int) -> S
                 latencies.append(time.perf_counter() - start)
                 errors += not head.startswith(b"HTTP/1.1 200")
                 if delay_ms:
-                    await asyncio.sleep(delay_ms / 1000)
+                    await asyncio.sleep(random.uniform(0, 2 * delay_ms) / 1000)
         finally:
             writer.close()
 
@@ -239,11 +250,12 @@ def app_and_proxies(kind: str, logs: Path) -> Iterator[dict[str, int]]:
 
 def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     wrk_path = shutil.which("wrk")
+    errors = [0]  # failed requests of the paired runs, which report only their differences
 
-    def run(port: int, seconds: float, delay_ms: int = 0) -> Sample:
+    def run(port: int, seconds: float, delay_ms: int = 0, connections: int = args.connections) -> Sample:
         if wrk_path:
-            return wrk(wrk_path, port, args.connections, seconds, delay_ms, workdir)
-        return python_load(port, args.connections, seconds, delay_ms)
+            return wrk(wrk_path, port, connections, seconds, delay_ms, workdir)
+        return python_load(port, connections, seconds, delay_ms)
 
     def side_by_side(ports: dict[str, int], delay_ms: int = 0) -> dict[str, Sample]:
         samples: dict[str, list[Sample]] = {name: [] for name in ports}
@@ -252,6 +264,19 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
                 samples[name].append(run(port, args.duration, delay_ms))
         return {name: median_sample(runs) for name, runs in samples.items()}
 
+    def paired(direct_port: int, proxy_port: int, delay_ms: int) -> list[float]:
+        """Each run's proxy p99 minus direct p99, both loads running at once (half the connections each)."""
+        connections = max(1, args.connections // 2)
+        added = []
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(args.runs):
+                direct_run, proxy_run = (pool.submit(run, port, args.duration, delay_ms, connections)
+                                         for port in (direct_port, proxy_port))
+                direct_sample, proxy_sample = direct_run.result(), proxy_run.result()
+                errors[0] += direct_sample.errors + proxy_sample.errors
+                added.append(proxy_sample.p99_ms - direct_sample.p99_ms)
+        return added
+
     with app_and_proxies(kind, workdir) as ports:
         for port in ports.values():
             run(port, 1)
@@ -259,8 +284,9 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
         rate = min(saturated["direct"].rps, saturated["router"].rps) / 2
         delay_ms = max(1, round(args.connections / rate * 1000))
         paced = side_by_side(ports, delay_ms)
+        proxies = [name for name in ports if name != "direct"]
+        pairs = {name: paired(ports["direct"], ports[name], delay_ms) for name in proxies}
     direct, paced_direct = saturated["direct"], paced["direct"]
-    proxies = [name for name in ports if name != "direct"]
     generator = "wrk" if wrk_path else "Python load generator"
     lines = [
         f"{kind} app, {args.connections} connections, {generator}, median of {args.runs} x {args.duration:g}s",
@@ -275,12 +301,17 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     for name in proxies:
         sample = paced[name]
         lines.append(f"              {name:6} p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  "
-                     f"added p99 {sample.p99_ms - paced_direct.p99_ms:+.2f} ms")
+                     f"added p99 {sample.p99_ms - paced_direct.p99_ms:+.2f} ms (alternating)")
+    lines.append("  paced, direct and proxy at once (paired), added p99 per run:")
+    for name in proxies:
+        added = pairs[name]
+        lines.append(f"              {name:6} median {statistics.median(added):+.2f} ms  "
+                     f"runs {' '.join(f'{a:+.2f}' for a in added)}")
     if "nginx" not in ports:
         lines.append("  (nginx not installed: no reference proxy)")
-    errors = sum(s.errors for s in [*saturated.values(), *paced.values()])
-    if errors:
-        lines.append(f"  {errors} failed requests")
+    failed = errors[0] + sum(s.errors for s in [*saturated.values(), *paced.values()])
+    if failed:
+        lines.append(f"  {failed} failed requests")
     return lines
 
 

@@ -7,7 +7,14 @@ CI_TOOLS=(
   "command -v node|nodejs"
   "command -v npm|npm"
   "/usr/bin/python3 -c 'import ensurepip'|python3-venv"
+  "command -v go|golang-go"
 )
+# The other package managers the native builder drives, for the fixture apps that use them. Builds run as
+# the app's user, so they go where every user can run them: a venv of the system Python (not one under
+# /root) and npm's global prefix. Both outlive the run, so later runs on this machine skip the download.
+CI_TOOLS_VENV=${DEVFLOW_CI_TOOLS_VENV:-/opt/devflow-ci-tools}
+CI_PYTHON_TOOLS=("uv>=0.5,<1" "poetry>=2,<3" "pipenv>=2024.0")
+CI_NODE_TOOLS=("yarn@1" "pnpm@>=9")
 
 install_ci_packages() {
   local missing=() entry
@@ -20,5 +27,23 @@ install_ci_packages() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  fi
+  install_build_tools
+}
+
+install_build_tools() {
+  local tool
+  for tool in uv poetry pipenv; do
+    if ! command -v "$tool" >/dev/null; then
+      echo "CI: installing ${CI_PYTHON_TOOLS[*]} into $CI_TOOLS_VENV" >&2
+      [ -x "$CI_TOOLS_VENV/bin/pip" ] || /usr/bin/python3 -m venv "$CI_TOOLS_VENV"
+      "$CI_TOOLS_VENV/bin/pip" install -q --disable-pip-version-check "${CI_PYTHON_TOOLS[@]}" >&2
+      for tool in uv poetry pipenv; do ln -sf "$CI_TOOLS_VENV/bin/$tool" "/usr/local/bin/$tool"; done
+      break
+    fi
+  done
+  if ! command -v yarn >/dev/null || ! command -v pnpm >/dev/null; then
+    echo "CI: installing ${CI_NODE_TOOLS[*]} with npm" >&2
+    npm install -g --no-fund --no-audit "${CI_NODE_TOOLS[@]}" >&2
   fi
 }

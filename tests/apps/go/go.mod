@@ -1,0 +1,3 @@
+module example.com/devflow-fixture-go
+
+go 1.19
