@@ -333,6 +333,24 @@ def test_routes_by_host_case_insensitive_and_without_port(proxy: RouterThread) -
         assert response.json()["path"] == "/hello?x=1"
 
 
+def test_a_host_as_sent_follows_route_changes(proxy: RouterThread, apps: tuple[AppServer, AppServer]) -> None:
+    """The router remembers how each Host header as sent resolves; a route change must forget it."""
+    one, two = (("127.0.0.1", app.port) for app in apps)
+    try:
+        with proxy.client(f"Moving.LocalHost:{proxy.port}") as client:
+            assert client.get("/").status_code == 404
+            proxy.router.set_app("moving-a", ["moving.localhost"], [two])
+            assert client.get("/").json()["app"] == "two"
+            proxy.router.set_app("moving-b", ["moving.localhost"], [one])
+            assert client.get("/").json()["app"] == "one"
+            proxy.router.remove_app("moving-b")
+            proxy.router.remove_app("moving-a")
+            assert client.get("/").status_code == 404
+    finally:
+        proxy.router.remove_app("moving-a")
+        proxy.router.remove_app("moving-b")
+
+
 def test_unknown_host_gets_a_clear_404(proxy: RouterThread) -> None:
     with proxy.client("nope.localhost") as client:
         text = client.get("/")

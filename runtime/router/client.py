@@ -164,9 +164,8 @@ class ClientConnection(asyncio.Protocol):
             raise RequestRejected(431, "the request head is too large")
         self._head_bytes = 0
         parser = self._parser
-        request = read_request(parser.get_method(), self._url, self._headers,
-                               http11=parser.get_http_version() == "1.1", keep_alive=parser.should_keep_alive(),
-                               upgrade=parser.should_upgrade(), peer=self._peer, proto=self._proto)
+        request = read_request(parser.get_method(), self._url, self._headers, parser.get_http_version() == "1.1",
+                               parser.should_keep_alive(), parser.should_upgrade(), self._peer, self._proto)
         self._url = b""
         self._headers = []
         exchange = Exchange(self, request)
@@ -175,10 +174,10 @@ class ClientConnection(asyncio.Protocol):
             status, message = request.error
             exchange.answer(pages.page(status, message, as_html=request.as_html, keep_alive=False), False)
         else:
-            host = normalize_host(request.host)
-            route = self._routes.lookup(host)
+            route = self._routes.lookup(request.host)
             if route is None:
-                exchange.answer(pages.unknown_host(host, as_html=request.as_html, keep_alive=keep_alive), keep_alive)
+                exchange.answer(pages.unknown_host(normalize_host(request.host), as_html=request.as_html,
+                                                   keep_alive=keep_alive), keep_alive)
             elif not route.upstreams:
                 exchange.answer(pages.no_upstream(route.app, as_html=request.as_html, keep_alive=keep_alive),
                                 keep_alive)

@@ -58,7 +58,7 @@ class Request:
         self.error: tuple[int, str] | None = None
 
 
-def read_request(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], *, http11: bool,
+def read_request(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], http11: bool,
                  keep_alive: bool, upgrade: bool, peer: bytes, proto: bytes) -> Request:
     """Parse a request head (httptools has checked its syntax) and build the head forwarded to the app."""
     request = Request(method, http11, keep_alive, upgrade)
@@ -97,7 +97,8 @@ def read_request(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
     if nominated and (extra := _nominated(nominated)):
         out = _forwardable(headers, HOP_BY_HOP | REPLACED | extra)
     target = url
-    if url[:7].lower() == b"http://" or url[:8].lower() == b"https://":  # absolute form: its host wins (RFC 9112 3.2.2)
+    if url[:1] != b"/" and (url[:7].lower() == b"http://" or url[:8].lower() == b"https://"):
+        # absolute form: its host wins (RFC 9112 3.2.2)
         try:
             parsed = parse_url(url)
         except HttpParserInvalidURLError:

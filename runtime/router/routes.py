@@ -9,6 +9,7 @@ from collections.abc import Sequence
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+MAX_SENT_HOSTS = 4096
 
 
 def normalize_host(host: str) -> str:
@@ -51,10 +52,22 @@ class RouteTable:
     def __init__(self) -> None:
         self._apps: dict[str, tuple[tuple[str, ...], Route]] = {}
         self._hosts: dict[str, Route] = {}
+        self._table: tuple[dict[str, Route], dict[str, Route | None]] = ({}, {})
+        """The host map, and Host headers as clients send them (`App.localhost:8080`) resolved with it: one
+        attribute, so a lookup never resolves with one map and remembers in the other's successor."""
         self._changing = threading.Lock()  # concurrent changes must not lose one another
 
     def lookup(self, host: str) -> Route | None:
-        return self._hosts.get(host)
+        """The route for a Host header as sent: any case, with a port or a trailing dot."""
+        hosts, sent = self._table
+        try:
+            return sent[host]
+        except KeyError:
+            route = hosts.get(normalize_host(host))
+            if len(sent) >= MAX_SENT_HOSTS:  # a scanner's made-up names must not grow it without end
+                sent.clear()
+            sent[host] = route
+            return route
 
     def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[Address]) -> None:
         hosts = tuple(normalize_host(h) for h in hostnames)
@@ -84,4 +97,4 @@ class RouteTable:
         for hostnames, route in apps.values():  # the app set last wins a host name two apps claim
             for host in hostnames:
                 hosts[host] = route
-        self._apps, self._hosts = apps, hosts
+        self._apps, self._hosts, self._table = apps, hosts, (hosts, {})
