@@ -250,7 +250,6 @@ def app_and_proxies(kind: str, logs: Path) -> Iterator[dict[str, int]]:
 
 def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     wrk_path = shutil.which("wrk")
-    errors = [0]  # failed requests of the paired runs, which report only their differences
 
     def run(port: int, seconds: float, delay_ms: int = 0, connections: int = args.connections) -> Sample:
         if wrk_path:
@@ -264,18 +263,19 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
                 samples[name].append(run(port, args.duration, delay_ms))
         return {name: median_sample(runs) for name, runs in samples.items()}
 
-    def paired(direct_port: int, proxy_port: int, delay_ms: int) -> list[float]:
-        """Each run's proxy p99 minus direct p99, both loads running at once (half the connections each)."""
+    def paired(direct_port: int, proxy_port: int, delay_ms: int) -> tuple[list[float], int]:
+        """Each run's proxy p99 minus direct p99, both loads running at once (half the connections each), and
+        the failed requests."""
         connections = max(1, args.connections // 2)
-        added = []
+        added, errors = [], 0
         with ThreadPoolExecutor(2) as pool:
             for _ in range(args.runs):
                 direct_run, proxy_run = (pool.submit(run, port, args.duration, delay_ms, connections)
                                          for port in (direct_port, proxy_port))
                 direct_sample, proxy_sample = direct_run.result(), proxy_run.result()
-                errors[0] += direct_sample.errors + proxy_sample.errors
+                errors += direct_sample.errors + proxy_sample.errors
                 added.append(proxy_sample.p99_ms - direct_sample.p99_ms)
-        return added
+        return added, errors
 
     with app_and_proxies(kind, workdir) as ports:
         for port in ports.values():
@@ -304,12 +304,13 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
                      f"added p99 {sample.p99_ms - paced_direct.p99_ms:+.2f} ms (alternating)")
     lines.append("  paced, direct and proxy at once (paired), added p99 per run:")
     for name in proxies:
-        added = pairs[name]
+        added, _ = pairs[name]
         lines.append(f"              {name:6} median {statistics.median(added):+.2f} ms  "
                      f"runs {' '.join(f'{a:+.2f}' for a in added)}")
     if "nginx" not in ports:
         lines.append("  (nginx not installed: no reference proxy)")
-    failed = errors[0] + sum(s.errors for s in [*saturated.values(), *paced.values()])
+    failed = sum(errors for _, errors in pairs.values()) + sum(s.errors for s in [*saturated.values(),
+                                                                                   *paced.values()])
     if failed:
         lines.append(f"  {failed} failed requests")
     return lines
