@@ -148,7 +148,7 @@ def _python(src: Path, notes: list[str]) -> tuple[PythonManager | None, str | No
     if version:
         line += f", Python {version} from {version_file}"
     notes.append(line)
-    read = {source, "pyproject.toml"} if manager in ("uv", "poetry") else {source}  # their lockfile goes with it
+    read = {source, "pyproject.toml"} if manager in ("uv", "poetry") else {source}  # they read both
     ignored = [name for name, _ in others if name not in read]
     if ignored:
         notes.append(f"Using {source} for Python dependencies; ignoring {', '.join(dict.fromkeys(ignored))}")

@@ -357,7 +357,7 @@ def built_with(tool: str, *values: object) -> object:
 
 @pytest.mark.parametrize("fixture, expected, reused", [
     ("flask", "flask", "Reusing the Python environment"),
-    ("node", "node", "Reusing node_modules"),
+    built_with("npm", "node", "node", "Reusing node_modules"),
     ("static", "static", None),
     built_with("uv", "uv", "uv v1 with six 1.", "Reusing the Python environment"),
     built_with("poetry", "poetry", "poetry v1 with six 1.", "Reusing the Python environment"),

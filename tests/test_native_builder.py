@@ -212,7 +212,6 @@ def test_a_missing_python_tool_names_what_to_install(tmp_path, tool, files):
     assert f"install {'it' if tool != 'uv' else 'uv'} (" in message and f"`{tool}` is on the PATH" in message
 
 
-
 def test_a_tool_that_cannot_be_run_fails_the_build_with_why(tmp_path):
     """A script whose interpreter the build's user cannot reach (e.g. a venv under /root) is a build error."""
     bin_dir = tmp_path / "bin"
@@ -224,7 +223,8 @@ def test_a_tool_that_cannot_be_run_fails_the_build_with_why(tmp_path):
     src = write(tmp_path / "app", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, "uv.lock": "version = 1\n",
                                    "Procfile": "web: python3 app.py\n"})
     message, _ = build_error(src, tmp_path / "cache", env={"PATH": str(bin_dir)})
-    assert message.startswith(f"cannot run {uv}: No such file or directory. Builds run as the app's user")
+    assert message.startswith(f"cannot run {uv}: the interpreter it names is missing. Builds run as the app's user")
+
 
 def test_default_web_process_needs_one_obvious_wsgi_app(tmp_path):
     venv = tmp_path / "venv"

@@ -27,6 +27,7 @@ from websockets.sync.server import serve as ws_serve
 
 from runtime.router.builtin_impl import BuiltinRouter
 from runtime.router.config import RouterConfig
+from runtime.router.routes import RouteTable
 
 MiB = 1024 * 1024
 BLOCK = bytes(range(256)) * 256  # 64 KiB of a pattern, so truncation or reordering shows in the digest
@@ -350,6 +351,14 @@ def test_a_host_as_sent_follows_route_changes(proxy: RouterThread, apps: tuple[A
         proxy.router.remove_app("moving-a")
         proxy.router.remove_app("moving-b")
 
+
+def test_only_host_names_that_can_exist_are_remembered() -> None:
+    """A client sending made-up Host headers of 64 KiB each must not make the router keep them."""
+    table = RouteTable()
+    table.set_app("one", ["one.localhost"], [("127.0.0.1", 1)])
+    assert table.lookup("x" * 60_000 + ".localhost") is None
+    assert table.lookup("ONE.localhost:8080").app == "one"
+    assert list(table._table[1]) == ["ONE.localhost:8080"]
 
 def test_unknown_host_gets_a_clear_404(proxy: RouterThread) -> None:
     with proxy.client("nope.localhost") as client:

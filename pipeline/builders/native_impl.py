@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import errno
 import fcntl
 import hashlib
 import json
@@ -133,10 +134,14 @@ class _Tools:
                 executable, *argv[1:], cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
                 preexec_fn=self.preexec)
-        except OSError as exc:  # e.g. a tool installed under /root, or a script whose interpreter is there
-            raise BuildError(f"cannot run {executable}: {exc.strerror}. Builds run as the app's user: the tool, "
-                             "and the interpreter a script names, must be readable and executable by all users"
-                             ) from None
+        except OSError as exc:
+            # The tool was found, so this is exec failing as the build's user: a tool under /root, or a script
+            # whose #! interpreter is missing or there. Anything else (no cwd, no fds) is not the tool's fault.
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOEXEC) or not cwd.is_dir():
+                raise
+            why = "the interpreter it names is missing" if exc.errno == errno.ENOENT else exc.strerror
+            raise BuildError(f"cannot run {executable}: {why}. Builds run as the app's user: the tool, and the "
+                             "interpreter a script names, must be readable and executable by all users") from None
         tail: deque[str] = deque(maxlen=40)
         try:
             await asyncio.wait_for(self._pump(proc, tail), self.timeout)

@@ -10,6 +10,7 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 MAX_SENT_HOSTS = 4096
+MAX_HOST_LENGTH = 253 + len(":65535")  # a DNS name and a port
 
 
 def normalize_host(host: str) -> str:
@@ -64,9 +65,10 @@ class RouteTable:
             return sent[host]
         except KeyError:
             route = hosts.get(normalize_host(host))
-            if len(sent) >= MAX_SENT_HOSTS:  # a scanner's made-up names must not grow it without end
-                sent.clear()
-            sent[host] = route
+            if len(host) <= MAX_HOST_LENGTH:  # no name is longer: a client's junk is not kept
+                if len(sent) >= MAX_SENT_HOSTS:  # nor can a scanner's made-up names grow it without end
+                    sent.clear()
+                sent[host] = route
             return route
 
     def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[Address]) -> None:

@@ -13,7 +13,8 @@ and the medians of several runs are compared. Paired: half the connections go di
 proxy at the same moment, to the same app, and each run's difference of p99s is kept. On a small shared
 machine the p99 of a few seconds swings by several milliseconds from one run to the next (steal time,
 vCPU wakeups), which the alternating comparison reads as proxy cost; in a pair both paths live through the
-same seconds, so the difference is what the extra hop costs.
+same seconds, so the difference is the extra hop's latency. The proxy's CPU use slows both halves of a
+pair alike, so that cost shows in the alternating figures only.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 # A think time drawn from 0..2x the mean: with a fixed one, the connections fall into step and the "paced" load
 # becomes bursts of every connection at once, which a single-threaded proxy serves one after the other, so
 # its p99 measures the burst size times its per-request cost rather than the latency one request sees.
-_DELAY_SCRIPT = "function delay() return math.random(0, {twice}) end\n"
+# Seeded per target, so the two halves of a pair do not draw the same sequence and fire together.
+_DELAY_SCRIPT = "math.randomseed({seed})\nfunction delay() return math.random(0, {twice}) end\n"
 
 
 def wrk(wrk_path: str, port: int, connections: int, seconds: float, delay_ms: int, workdir: Path) -> Sample:
@@ -76,7 +78,7 @@ def wrk(wrk_path: str, port: int, connections: int, seconds: float, delay_ms: in
     argv = [wrk_path, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-H", f"Host: {HOSTNAME}"]
     if delay_ms:
         script = workdir / f"delay-{delay_ms}-{port}.lua"  # one per target: paired runs start two wrk at once
-        script.write_text(_DELAY_SCRIPT.format(twice=2 * delay_ms))
+        script.write_text(_DELAY_SCRIPT.format(seed=port, twice=2 * delay_ms))
         argv += ["-s", str(script)]
     out = run_quiet([*argv, f"http://{HOST}:{port}/"], timeout=seconds + 60).stdout.decode()
 
@@ -266,7 +268,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     def paired(direct_port: int, proxy_port: int, delay_ms: int) -> tuple[list[float], int]:
         """Each run's proxy p99 minus direct p99, both loads running at once (half the connections each), and
         the failed requests."""
-        connections = max(1, args.connections // 2)
+        connections = args.connections // 2
         added, errors = [], 0
         with ThreadPoolExecutor(2) as pool:
             for _ in range(args.runs):
@@ -334,8 +336,8 @@ def main(argv: list[str]) -> int:
     for name, kind in (("port", int), ("connections", int), ("seconds", float), ("delay_ms", int)):
         load.add_argument(name, type=kind)
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.connections < 1 or args.duration <= 0:
-        parser.error("--runs, --connections and --duration must be positive")
+    if args.runs < 1 or args.connections < 2 or args.duration <= 0:
+        parser.error("--runs and --duration must be positive, --connections at least 2 (paired runs halve it)")
 
     if args.command == "serve-app":
         (serve_stdlib if args.kind == "stdlib" else serve_uvicorn)(args.port)

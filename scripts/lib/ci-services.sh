@@ -14,7 +14,7 @@ CI_TOOLS=(
 # /root) and npm's global prefix. Both outlive the run, so later runs on this machine skip the download.
 CI_TOOLS_VENV=${DEVFLOW_CI_TOOLS_VENV:-/opt/devflow-ci-tools}
 CI_PYTHON_TOOLS=("uv>=0.5,<1" "poetry>=2,<3" "pipenv>=2024.0")
-CI_NODE_TOOLS=("yarn@1" "pnpm@>=9")
+CI_NODE_TOOLS=("yarn@1" "pnpm@>=9 <13")  # lockfile v9, as the fixture's
 
 install_ci_packages() {
   local missing=() entry
@@ -32,18 +32,25 @@ install_ci_packages() {
 }
 
 install_build_tools() {
-  local tool
-  for tool in uv poetry pipenv; do
-    if ! command -v "$tool" >/dev/null; then
-      echo "CI: installing ${CI_PYTHON_TOOLS[*]} into $CI_TOOLS_VENV" >&2
+  local tool missing=()
+  for tool in uv poetry pipenv; do  # root finding one (in /root/.local, say) is not an app user finding it
+    [ -x "$CI_TOOLS_VENV/bin/$tool" ] || missing+=("$tool")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "CI: installing ${CI_PYTHON_TOOLS[*]} into $CI_TOOLS_VENV" >&2
+    (
+      umask 022  # readable by every app user, whatever root's umask
       [ -x "$CI_TOOLS_VENV/bin/pip" ] || /usr/bin/python3 -m venv "$CI_TOOLS_VENV"
       "$CI_TOOLS_VENV/bin/pip" install -q --disable-pip-version-check "${CI_PYTHON_TOOLS[@]}" >&2
-      for tool in uv poetry pipenv; do ln -sf "$CI_TOOLS_VENV/bin/$tool" "/usr/local/bin/$tool"; done
-      break
-    fi
+    )
+  fi
+  for tool in uv poetry pipenv; do
+    [ "$(readlink "/usr/local/bin/$tool")" = "$CI_TOOLS_VENV/bin/$tool" ] || ln -sf "$CI_TOOLS_VENV/bin/$tool" /usr/local/bin/
   done
-  if ! command -v yarn >/dev/null || ! command -v pnpm >/dev/null; then
+  local global
+  global=$(npm prefix -g 2>/dev/null)/bin
+  if [ ! -x "$global/yarn" ] || [ ! -x "$global/pnpm" ]; then
     echo "CI: installing ${CI_NODE_TOOLS[*]} with npm" >&2
-    npm install -g --no-fund --no-audit "${CI_NODE_TOOLS[@]}" >&2
+    (umask 022 && npm install -g --no-fund --no-audit "${CI_NODE_TOOLS[@]}" >&2)
   fi
 }
