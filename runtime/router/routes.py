@@ -52,7 +52,6 @@ class RouteTable:
 
     def __init__(self) -> None:
         self._apps: dict[str, tuple[tuple[str, ...], Route]] = {}
-        self._hosts: dict[str, Route] = {}
         self._table: tuple[dict[str, Route], dict[str, Route | None]] = ({}, {})
         """The host map, and Host headers as clients send them (`App.localhost:8080`) resolved with it: one
         attribute, so a lookup never resolves with one map and remembers in the other's successor."""
@@ -76,7 +75,7 @@ class RouteTable:
         route = Route(app, upstreams)
         with self._changing:
             for host in hosts:
-                owner = self._hosts.get(host)
+                owner = self._table[0].get(host)
                 if owner is not None and owner.app != app:
                     log.warning("host name %s moves from app %s to app %s", host, owner.app, app)
             apps = {name: entry for name, entry in self._apps.items() if name != app}
@@ -99,4 +98,4 @@ class RouteTable:
         for hostnames, route in apps.values():  # the app set last wins a host name two apps claim
             for host in hostnames:
                 hosts[host] = route
-        self._apps, self._hosts, self._table = apps, hosts, (hosts, {})
+        self._apps, self._table = apps, (hosts, {})
