@@ -351,8 +351,8 @@ class Deployments:
                 continue
             # Processes running as another user than the app's now are restarted, not adopted: its files change
             # hands before the new processes start.
-            if not self._owner_changed(app) and self.rollout.adopt(app, latest.version, self.hostnames(app),
-                                                                   _checks(latest.app_json)):
+            if not self._owner_changed(app) and await self.rollout.adopt(app, latest.version, self.hostnames(app),
+                                                                         _checks(latest.app_json)):
                 log.info("re-adopted the running processes of %s v%s", app, latest.version)
                 continue
             try:

@@ -51,6 +51,7 @@ class Rollout:
         self._live: dict[str, int] = {}  # app -> the version the router sends traffic to
         self._current: dict[str, set[Path]] = {}  # app -> the instances of the live rollout
         self._hostnames: dict[str, Sequence[str]] = {}  # app -> the names it answers to, as last set
+        self._upstreams: dict[str, list[tuple[str, int]]] = {}  # app -> its web processes, as last sent the router
         self.liveness = LivenessMonitor(logs)
 
     async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> None:
@@ -84,7 +85,7 @@ class Rollout:
             await asyncio.gather(*(self.scheduler.stop(i) for i in started), return_exceptions=True)
             raise
         hostnames = self._hostnames.get(spec.app, spec.hostnames)  # a domains:add during the checks counts
-        self.router.set_app(spec.app, hostnames, [("127.0.0.1", i.port) for i in web])
+        await self._route(spec.app, hostnames, web)
         self._live[spec.app] = spec.version
         self._current[spec.app] = {i.directory for i in started}
         self.liveness.watch(spec.app, started, spec.healthchecks)
@@ -110,16 +111,16 @@ class Rollout:
         if self._draining:
             await asyncio.gather(*self._draining, return_exceptions=True)
 
-    def adopt(self, app: str, version: int, hostnames: Sequence[str],
-              healthchecks: Mapping[str, Sequence[Check]]) -> bool:
+    async def adopt(self, app: str, version: int, hostnames: Sequence[str],
+                    healthchecks: Mapping[str, Sequence[Check]]) -> bool:
         """After a daemon restart: route to the release's processes that still run. False if none do."""
         instances = [i for i in self.scheduler.instances(app) if i.alive()]
         current = [i for i in instances if i.version == version]
         if not current:
             return False
         stale = [i for i in instances if i.version != version]
-        self.router.set_app(app, hostnames, [("127.0.0.1", i.port) for i in current if i.process_type == "web"])
         self._hostnames[app] = hostnames
+        await self._route(app, hostnames, [i for i in current if i.process_type == "web"])
         self._live[app] = version
         self._current[app] = {i.directory for i in current}
         self.liveness.watch(app, current, healthchecks)
@@ -129,17 +130,21 @@ class Rollout:
     async def reroute(self, app: str, hostnames: Sequence[str]) -> None:
         """New host names for the processes already live (domains:add), and for a rollout under way."""
         self._hostnames[app] = hostnames
-        version = self._live.get(app)
-        web = [i for i in self.scheduler.instances(app)
-               if i.version == version and i.process_type == "web" and i.alive()]
-        self.router.set_app(app, hostnames, [("127.0.0.1", i.port) for i in web])
+        await self.router.set_app(app, hostnames, self._upstreams.get(app, []))
+
+    async def _route(self, app: str, hostnames: Sequence[str], web: Sequence[Instance]) -> None:
+        """Send the app's traffic to `web`. Noted before the router has it: a reroute while this waits must
+        send the same processes, not the ones before."""
+        upstreams = self._upstreams[app] = [("127.0.0.1", i.port) for i in web]
+        await self.router.set_app(app, hostnames, upstreams)
 
     async def stop_app(self, app: str, hostnames: Sequence[str] | None = None) -> None:
         """Stop every process; with `hostnames` the app stays routed (503 until it runs again), else unrouted."""
+        self._upstreams.pop(app, None)
         if hostnames is None:
-            self.router.remove_app(app)
+            await self.router.remove_app(app)
         else:
-            self.router.set_app(app, hostnames, [])
+            await self.router.set_app(app, hostnames, [])
         self._live.pop(app, None)
         self._current.pop(app, None)
         self._hostnames.pop(app, None)

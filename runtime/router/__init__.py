@@ -1,8 +1,7 @@
 """The Router role: send each request for an app's host names to one of its healthy web processes.
 
-Implementations: `process_impl` (the embedded default: `builtin_impl` in a process of its own, `standalone`,
-driven over `control`); `builtin_impl` in the caller's event loop; Caddy and Kubernetes Ingress take the same
-calls.
+Implementations: `process_impl`, the embedded default, runs the proxy of `builtin_impl` in a process of its
+own (`standalone`) and drives it over `control`. Caddy and Kubernetes Ingress take the same calls.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ class Router(Protocol):
 
     async def close(self) -> None: ...
 
-    def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]]) -> None:
-        """Atomically replace the app's host names and healthy web upstreams (host, port); [] upstreams -> 503."""
+    async def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]]) -> None:
+        """Atomically replace the app's host names and healthy web upstreams (host, port); [] upstreams -> 503.
+        Returns once requests go to the new upstreams, so the old ones can be drained."""
 
-    def remove_app(self, app: str) -> None: ...
+    async def remove_app(self, app: str) -> None: ...

@@ -16,10 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from runtime.router.builtin_impl import BACKLOG
 from runtime.router.control import ControlClient, ControlError, code_version
@@ -33,11 +34,15 @@ STOP_TIMEOUT = 10.0
 """A retiring router finishes requests in flight for up to its shutdown timeout (5 s), then exits."""
 
 Routes = dict[str, tuple[list[str], list[tuple[str, int]]]]
+T = TypeVar("T")
 
 
 class RouterProcess:
     """`set_app` and `remove_app` return once the router process routes accordingly; a router process that
     cannot (it died, or stopped answering) is replaced first, with every route, which are mirrored here.
+
+    Every exchange with the process runs on one control thread, in the order asked: a wedged router costs
+    a route change up to the control timeout and a replacement, never the daemon's event loop.
 
     Under root the process runs as `uid` (None: `nobody`).
     """
@@ -52,35 +57,58 @@ class RouterProcess:
         self._client: ControlClient | None = None
         self._proc: subprocess.Popen | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._changing = threading.Lock()  # one change at a time, and none while a process is replaced
+        self._control = ThreadPoolExecutor(1, thread_name_prefix="router-control")
+        self._closed = False
 
     async def start(self) -> None:
         """Adopt or start the router process. Raises OSError when the address cannot be listened on, and
         ControlError when a router process does not start."""
-        await asyncio.to_thread(self._start)
+        await self._on_control(self._start)
         self._watch = asyncio.create_task(self._watch_process())
 
     async def close(self) -> None:
         """The daemon stops; the router process keeps routing until a daemon adopts it again."""
+        if self._closed:
+            return
+        self._closed = True
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        await self._on_control(self._disconnect)
+        self._control.shutdown(wait=False)
+
+    async def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]]) -> None:
+        await self._on_control(self._set, app, list(hostnames), [(str(h), int(p)) for h, p in upstreams])
+
+    async def remove_app(self, app: str) -> None:
+        await self._on_control(self._remove, app)
+
+    async def _on_control(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on the control thread. A change under way completes even when its caller is cancelled,
+        as a synchronous call would: the caller then knows what the router routes."""
+        done = asyncio.get_running_loop().run_in_executor(self._control, fn, *args)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await asyncio.wait([done])
+            raise
+
+    # on the control thread
+
+    def _set(self, app: str, hostnames: list[str], upstreams: list[tuple[str, int]]) -> None:
+        self._routes[app] = (hostnames, upstreams)
+        self._send("set", app=app, hostnames=hostnames, upstreams=[list(a) for a in upstreams])
+
+    def _remove(self, app: str) -> None:
+        self._routes.pop(app, None)
+        self._send("remove", app=app)
+
+    def _disconnect(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
 
-    def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]]) -> None:
-        with self._changing:
-            self._routes[app] = (list(hostnames), [(str(h), int(p)) for h, p in upstreams])
-            self._send("set", app=app, hostnames=list(hostnames), upstreams=[list(a) for a in upstreams])
-
-    def remove_app(self, app: str) -> None:
-        with self._changing:
-            self._routes.pop(app, None)
-            self._send("remove", app=app)
-
     def _send(self, op: str, **fields: object) -> None:
-        """Caller holds `_changing`."""
         if self._client is None:
             return
         try:
@@ -121,7 +149,7 @@ class RouterProcess:
             self._routes = _mirror(hellos[predecessor])
         else:
             sock = self._bind_retiring(routers)
-        with self._changing, sock:
+        with sock:
             self._launch(sock)
         log.info("router: started the router process %d on %s:%d", self._client.pid, self.host, self.port)
 
@@ -138,8 +166,7 @@ class RouterProcess:
         return listening_socket(self.host, self.port)
 
     def _launch(self, sock: socket.socket) -> None:
-        """A new router process: it gets the routes first, then the socket to accept on. Caller holds
-        `_changing`."""
+        """A new router process: it gets the routes first, then the socket to accept on."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "runtime.router.standalone", str(self.run_dir)]
         with self.log_path.open("ab") as log_file:
@@ -184,8 +211,7 @@ class RouterProcess:
         raise ControlError(f"the router process did not start within {START_TIMEOUT:g}s; see {self.log_path}")
 
     def _replace(self) -> None:
-        """Kill the router process (dead, wedged or deaf) and start another with every route. Caller holds
-        `_changing`."""
+        """Kill the router process (dead, wedged or deaf) and start another with every route."""
         if self._client is not None:
             pid = self._client.pid
             self._client.close()
@@ -212,21 +238,20 @@ class RouterProcess:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
-                await asyncio.to_thread(self._check)
+                await self._on_control(self._check)
             except Exception:  # the watcher must outlive any one failure
                 log.exception("router: could not replace the router process; trying again")
 
     def _check(self) -> None:
-        with self._changing:
-            if self._client is None:
-                self._replace()
-                return
-            try:
-                self._client.call("ping")
-            except ControlError:
-                log.error("router: the router process %d is gone or does not answer; replacing it (see %s)",
-                          self._client.pid, self.log_path)
-                self._replace()
+        if self._client is None:
+            self._replace()
+            return
+        try:
+            self._client.call("ping")
+        except ControlError:
+            log.error("router: the router process %d is gone or does not answer; replacing it (see %s)",
+                      self._client.pid, self.log_path)
+            self._replace()
 
 
 def _adoptable(hello: dict, address: tuple[str, int]) -> bool:

@@ -192,7 +192,7 @@ def serve_router(port: int, app_port: int, run_dir: Path) -> None:
     async def run() -> None:
         router = RouterProcess(HOST, port, run_dir, run_dir / "router.log")
         await router.start()
-        router.set_app("bench", [HOSTNAME], [(HOST, app_port)])
+        await router.set_app("bench", [HOSTNAME], [(HOST, app_port)])
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
