@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,7 @@ class Rollout:
         self._live: dict[str, int] = {}  # app -> the version the router sends traffic to
         self._current: dict[str, set[Path]] = {}  # app -> the instances of the live rollout
         self._hostnames: dict[str, Sequence[str]] = {}  # app -> the names it answers to, as last set
-        self._upstreams: dict[str, list[tuple[str, int]]] = {}  # app -> its web processes, as last sent the router
+        self._web: dict[str, list[Instance]] = {}  # app -> the web processes last sent to the router
         self.liveness = LivenessMonitor(logs)
 
     async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> None:
@@ -85,10 +85,11 @@ class Rollout:
             await asyncio.gather(*(self.scheduler.stop(i) for i in started), return_exceptions=True)
             raise
         hostnames = self._hostnames.get(spec.app, spec.hostnames)  # a domains:add during the checks counts
-        await self._route(spec.app, hostnames, web)
+        # The new release is live from here: the router's changes cannot be taken back, only finished.
         self._live[spec.app] = spec.version
         self._current[spec.app] = {i.directory for i in started}
         self.liveness.watch(spec.app, started, spec.healthchecks)
+        await self._route(spec.app, hostnames, web)
         say(f"routing {', '.join(hostnames)} to v{spec.version}" + ("" if web else " (no web process)"))
         self._drain(old)
 
@@ -120,35 +121,35 @@ class Rollout:
             return False
         stale = [i for i in instances if i.version != version]
         self._hostnames[app] = hostnames
-        await self._route(app, hostnames, [i for i in current if i.process_type == "web"])
         self._live[app] = version
         self._current[app] = {i.directory for i in current}
         self.liveness.watch(app, current, healthchecks)
+        await self._route(app, hostnames, [i for i in current if i.process_type == "web"])
         self._drain(stale)
         return True
 
     async def reroute(self, app: str, hostnames: Sequence[str]) -> None:
         """New host names for the processes already live (domains:add), and for a rollout under way."""
         self._hostnames[app] = hostnames
-        await self.router.set_app(app, hostnames, self._upstreams.get(app, []))
+        await self.router.set_app(app, hostnames, _upstreams(i for i in self._web.get(app, []) if i.alive()))
 
-    async def _route(self, app: str, hostnames: Sequence[str], web: Sequence[Instance]) -> None:
+    async def _route(self, app: str, hostnames: Sequence[str], web: list[Instance]) -> None:
         """Send the app's traffic to `web`. Noted before the router has it: a reroute while this waits must
         send the same processes, not the ones before."""
-        upstreams = self._upstreams[app] = [("127.0.0.1", i.port) for i in web]
-        await self.router.set_app(app, hostnames, upstreams)
+        self._web[app] = web
+        await self.router.set_app(app, hostnames, _upstreams(web))
 
     async def stop_app(self, app: str, hostnames: Sequence[str] | None = None) -> None:
         """Stop every process; with `hostnames` the app stays routed (503 until it runs again), else unrouted."""
-        self._upstreams.pop(app, None)
-        if hostnames is None:
-            await self.router.remove_app(app)
-        else:
-            await self.router.set_app(app, hostnames, [])
+        self._web.pop(app, None)
         self._live.pop(app, None)
         self._current.pop(app, None)
         self._hostnames.pop(app, None)
         self.liveness.forget(app)
+        if hostnames is None:
+            await self.router.remove_app(app)
+        else:
+            await self.router.set_app(app, hostnames, [])
         await asyncio.gather(*(self.scheduler.stop(i) for i in self.scheduler.instances(app)), return_exceptions=True)
 
     def processes(self, app: str) -> list[dict]:
@@ -161,3 +162,7 @@ class Rollout:
                 record["state"] = "draining"
             records.append((instance.directory not in current, record))
         return [record for _, record in sorted(records, key=lambda pair: pair[0])]
+
+
+def _upstreams(web: Iterable[Instance]) -> list[tuple[str, int]]:
+    return [("127.0.0.1", i.port) for i in web]

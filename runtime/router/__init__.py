@@ -1,7 +1,8 @@
 """The Router role: send each request for an app's host names to one of its healthy web processes.
 
 Implementations: `process_impl`, the embedded default, runs the proxy of `builtin_impl` in a process of its
-own (`standalone`) and drives it over `control`. Caddy and Kubernetes Ingress take the same calls.
+own (`standalone`) and drives it over `control`. Other routers (Caddy, a Kubernetes Ingress) are to take the
+same calls.
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ class RouterProcess:
     """`set_app` and `remove_app` return once the router process routes accordingly; a router process that
     cannot (it died, or stopped answering) is replaced first, with every route, which are mirrored here.
 
-    Every exchange with the process runs on one control thread, in the order asked: a wedged router costs
-    a route change up to the control timeout and a replacement, never the daemon's event loop.
+    Every exchange with the process runs on one control thread, one after the other in the order the calls
+    start: a wedged router costs a route change up to the control timeout and a replacement, never the
+    daemon's event loop.
 
     Under root the process runs as `uid` (None: `nobody`).
     """
@@ -71,17 +72,25 @@ class RouterProcess:
         if self._closed:
             return
         self._closed = True
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-        await self._on_control(self._disconnect)
-        self._control.shutdown(wait=False)
+        watch, self._watch = self._watch, None
+        try:
+            if watch is not None:  # a check under way finishes first: the client is the control thread's
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+            await self._on_control(self._disconnect)
+        finally:
+            self._control.shutdown(wait=False)
 
     async def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]]) -> None:
-        await self._on_control(self._set, app, list(hostnames), [(str(h), int(p)) for h, p in upstreams])
+        await self._change(self._set, app, list(hostnames), [(str(h), int(p)) for h, p in upstreams])
 
     async def remove_app(self, app: str) -> None:
-        await self._on_control(self._remove, app)
+        await self._change(self._remove, app)
+
+    async def _change(self, fn: Callable[..., None], *args: object) -> None:
+        if self._closed:
+            raise ControlError("the daemon is stopping: its router takes no more changes")
+        await self._on_control(fn, *args)
 
     async def _on_control(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on the control thread. A change under way completes even when its caller is cancelled,
@@ -91,6 +100,9 @@ class RouterProcess:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
             await asyncio.wait([done])
+            if not done.cancelled() and done.exception() is not None:
+                log.error("router: %s failed for a caller that was cancelled", fn.__name__,
+                          exc_info=done.exception())
             raise
 
     # on the control thread
@@ -109,7 +121,8 @@ class RouterProcess:
             self._client = None
 
     def _send(self, op: str, **fields: object) -> None:
-        if self._client is None:
+        if self._client is None:  # a replacement failed: try again, the change must reach a router
+            self._replace()
             return
         try:
             self._client.call(op, **fields)

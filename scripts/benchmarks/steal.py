@@ -15,7 +15,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 _STAT = "/proc/stat"
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def steal_ticks() -> int | None:
