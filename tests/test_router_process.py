@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
+import textwrap
 import threading
 from collections.abc import Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +18,9 @@ import httpx
 import pytest
 from conftest import free_port
 
+from runtime.local.scheduler import LocalScheduler
+from runtime.process_logs import ProcessLogs
+from runtime.rollout import ReleaseSpec, Rollout
 from runtime.router import process_impl
 from runtime.router.process_impl import RouterProcess, live_routers, running, stop_routers
 
@@ -225,3 +230,58 @@ def test_stop_routers_stops_it(setup) -> None:
     assert not running(pid) and pids(run_dir) == []
     with pytest.raises(httpx.ConnectError):
         routed(port)
+
+
+RELEASE_APP = textwrap.dedent("""
+    import http.server, os
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = os.environ["BODY"].encode()
+            self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+""")
+
+
+def test_a_name_added_while_a_rollout_waits_for_the_router_goes_to_the_new_release(setup, tmp_path: Path) -> None:
+    """domains:add while the router has not yet taken a rollout's switch: the name must follow the new
+    release, whose processes stay, not the old one, which is drained."""
+    loop, run_dir, port = setup
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "app.py").write_text(RELEASE_APP)
+    router = start(loop, run_dir, port)
+    scheduler = LocalScheduler(tmp_path / "apps", ProcessLogs(tmp_path / "logs"), stop_timeout=3)
+    rollout = Rollout(scheduler, router, scheduler.logs, drain_seconds=0.2)
+
+    def release(version: int) -> ReleaseSpec:
+        return ReleaseSpec(app="demo", version=version, cwd=tmp_path / "app",
+                           processes={"web": f"{sys.executable} app.py"},
+                           env={"PATH": os.environ["PATH"], "BODY": f"v{version}"}, formation={"web": 1},
+                           hostnames=["demo.localhost"])
+
+    async def scenario() -> list[dict]:
+        await rollout.deploy(release(1), lambda line: None)
+        [pid] = pids(run_dir)
+        os.kill(pid, signal.SIGSTOP)  # the switch to v2 waits for the control timeout and a new router
+        deploying = asyncio.ensure_future(rollout.deploy(release(2), lambda line: None))
+        while not any(p["release"] == "v2" and p["state"] == "running" for p in rollout.processes("demo")):
+            assert not deploying.done(), deploying.exception()
+            await asyncio.sleep(0.05)
+        assert not deploying.done()  # v2 passed its checks; the router has not switched yet
+        await rollout.reroute("demo", ["demo.localhost", "www.demo.test"])
+        await deploying
+        await asyncio.sleep(0.5)  # past the drain: v1 is stopped
+        return rollout.processes("demo")
+
+    try:
+        processes = loop.run(scenario())
+        assert [(p["release"], p["state"]) for p in processes if p["state"] != "stopped"] == [("v2", "running")]
+        for name in ("demo.localhost", "www.demo.test"):
+            response = httpx.get(f"http://127.0.0.1:{port}/", headers={"Host": name}, timeout=WAIT)
+            assert (response.status_code, response.text) == (200, "v2"), name
+    finally:
+        loop.run(rollout.stop_app("demo"))
+        loop.run(rollout.close())
+        loop.run(router.close())
