@@ -164,13 +164,13 @@ class DeployManagement:
         self.apps.authorize(self.actor, app, Role.READ)
         return self.deploys.deployments.logs.tail(app, tail, process)
 
-    async def follow_logs(self, app: str, process: str | None = None,
+    async def follow_logs(self, app: str, tail: int, process: str | None = None,
                           stop: Callable[[], bool] = lambda: False) -> AsyncIterator[str]:
-        """`logs -f` after `logs`: new lines as they are written, until `stop()` or the reader goes away.
+        """`logs -f`: the last `tail` lines (all with 0), then new lines as they are written, until `stop()` or
+        the reader goes away. Refuses at once (before the first line) a reader who may not read the app's logs.
         Runs on the daemon's loop, not in a command thread: it lasts as long as the reader."""
         await asyncio.to_thread(self.apps.authorize, self.actor, app, Role.READ)
-        async for line in self.deploys.deployments.logs.follow(app, process, stop=stop):
-            yield line
+        return self.deploys.deployments.logs.follow(app, process, stop=stop, tail=tail)
 
     def resources(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.READ)

@@ -10,6 +10,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import IO
 
 from runtime.log_lines import LINE, prefix
 from runtime.rotating_log import DEFAULT_MAX_BYTES, RotatingLog, rotated
@@ -40,29 +41,38 @@ class ProcessLogs:
 
     def tail(self, app: str, lines: int = 100, process: str | None = None) -> list[str]:
         """The last `lines` lines (all with 0), from the rotated file too when the current one has fewer."""
-        current = self.path(app)
-        kept: list[str] = []
-        for path in (rotated(current), current):
-            if path.exists():
-                with path.open(errors="replace") as log:
-                    kept += [line.rstrip("\n") for line in log if self._matches(line, process)]
-                if lines:
-                    del kept[:-lines]
+        path = self.path(app)
+        try:
+            log = path.open(errors="replace")
+        except FileNotFoundError:  # nothing written yet, or a rotation under way: the rotated file still counts
+            log = open(os.devnull)
+        with log:
+            kept, _ = self._recent(path, log, lines, process)
         return kept
 
-    async def follow(self, app: str, process: str | None = None,
-                     stop: Callable[[], bool] = lambda: False) -> AsyncIterator[str]:
-        """New lines as they are written, until `stop()` says the reader went away."""
+    async def follow(self, app: str, process: str | None = None, stop: Callable[[], bool] = lambda: False,
+                     tail: int | None = None) -> AsyncIterator[str]:
+        """The last `tail` lines (all with 0, none with None), then new lines as they are written, until `stop()`
+        says the reader went away. One open file serves both, so no line written meanwhile falls between."""
         path = self.path(app)
         path.touch()
         log = path.open(errors="replace")
         try:
-            log.seek(0, 2)
+            if tail is None:
+                log.seek(0, 2)
+                partial = ""
+            else:
+                recent, partial = await asyncio.to_thread(self._recent, path, log, tail, process)  # up to 32 MiB
+                for line in recent:
+                    yield line
             while not stop():
                 line = log.readline()
-                if line:
+                if line.endswith("\n"):
+                    line, partial = partial + line, ""
                     if self._matches(line, process):
                         yield line.rstrip("\n")
+                elif line:  # the writer is mid-line: the rest comes with the next read
+                    partial += line
                 elif _rotated_away(path, log.fileno()):  # what was written before the rotation has been read
                     log.close()
                     log = path.open(errors="replace")
@@ -70,6 +80,28 @@ class ProcessLogs:
                     await asyncio.sleep(0.2)
         finally:
             log.close()
+
+    def _recent(self, path: Path, log: IO[str], lines: int, process: str | None) -> tuple[list[str], str]:
+        """The last `lines` lines (all with 0) up to the end of `log`, the open current file, with the rotated
+        file's before them; and the start of a line still being written."""
+        kept: list[str] = []
+        try:
+            with rotated(path).open(errors="replace") as old:
+                if os.fstat(old.fileno()).st_ino != os.fstat(log.fileno()).st_ino:  # not rotated since opened
+                    kept += [line.rstrip("\n") for line in old if self._matches(line, process)]
+        except FileNotFoundError:
+            pass
+        if lines:
+            del kept[:-lines]
+        partial = ""
+        for line in log:
+            if not line.endswith("\n"):
+                partial = line
+            elif self._matches(line, process):
+                kept.append(line.rstrip("\n"))
+                if lines and len(kept) > 2 * lines:
+                    del kept[:-lines]
+        return (kept[-lines:] if lines else kept), partial
 
     def forget(self, app: str) -> None:
         path = self.root / app / "app.log"

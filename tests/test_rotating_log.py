@@ -82,3 +82,37 @@ def test_follow_goes_on_in_the_new_file_after_a_rotation(tmp_path: Path) -> None
     seen = asyncio.run(follow_while_writing())
     assert rotated(logs.path("demo")).exists()
     assert seen == [str(n) for n in range(1000)]
+
+
+def test_follow_with_a_tail_misses_no_line_written_as_it_starts_and_joins_a_line_being_written(tmp_path: Path) -> None:
+    logs = ProcessLogs(tmp_path)
+    for n in range(50):
+        logs.write("demo", "web.1", f"line {n}")
+
+    async def follow_while_writing() -> list[str]:
+        seen: list[str] = []
+
+        async def read() -> None:
+            async for line in logs.follow("demo", tail=5):
+                seen.append(line.rsplit(" ", 1)[1])
+                if seen[-1] == "299":
+                    return
+
+        reader = asyncio.create_task(read())
+        for n in range(50, 300):  # written while the reader starts: after its tail, before it reaches the end
+            if n == 150:  # a line caught half written
+                with logs.path("demo").open("a") as log:
+                    log.write("2026-11-26T00:00:00Z web.1 | line 1")
+                    log.flush()
+                    await asyncio.sleep(0.5)
+                    log.write("50\n")
+                continue
+            logs.write("demo", "web.1", f"line {n}")
+            if n % 50 == 0:
+                await asyncio.sleep(0)
+        await asyncio.wait_for(reader, 60)
+        return seen
+
+    seen = asyncio.run(follow_while_writing())
+    assert 45 <= int(seen[0]) <= 100  # five lines of tail, from wherever the file ended when the reader started
+    assert [int(n) for n in seen] == list(range(int(seen[0]), 300)), seen

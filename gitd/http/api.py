@@ -99,14 +99,12 @@ def api_routes(directory: Directory, management_for: Callable[[Actor], Managemen
             actor = await authenticate(request, directory)
             app, process = request.path_params["app"], request.query_params.get("process")
             tail = _int(request.query_params.get("tail"), 100)
-            management = management_for(actor)
-            recent = await run_command(management.logs, app, tail, process)
+            lines = await management_for(actor).follow_logs(app, tail, process)
         except DevflowError as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
 
         async def body() -> AsyncIterator[str]:
-            yield "".join(line + "\n" for line in recent)
-            async for line in management.follow_logs(app, process):
+            async for line in lines:
                 yield line + "\n"
 
         return StreamingResponse(body(), media_type="text/plain; charset=utf-8",

@@ -137,10 +137,9 @@ class SessionHandler:
     async def _follow_logs(self, process: asyncssh.SSHServerProcess, actor: Actor, argv: list[str]) -> int:
         """`logs APP -f`: the tail, then new lines as they come, until the client hangs up."""
         args = table.parser_for(table.BY_NAME["logs"]).parse_args(argv[1:])
-        management = self.management_for(actor)
-        for line in await run_command(management.logs, args.app, args.tail, args.process):
-            process.stdout.write(line.encode() + b"\n")
-        async for line in management.follow_logs(args.app, args.process, stop=process.is_closing):
+        lines = await self.management_for(actor).follow_logs(args.app, args.tail, args.process,
+                                                             stop=process.is_closing)
+        async for line in lines:
             process.stdout.write(line.encode() + b"\n")
             await process.stdout.drain()
         return 0
