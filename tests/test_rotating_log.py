@@ -57,31 +57,32 @@ def test_tail_reads_the_rotated_file_when_the_current_one_is_short(tmp_path: Pat
     assert not logs.path("demo").exists() and not rotated(logs.path("demo")).exists()
 
 
+async def numbers_until(logs: ProcessLogs, last: int, tail: int | None = None) -> list[int]:
+    """The number ending each line that following the demo app's log shows, up to `last`."""
+    seen: list[int] = []
+    async for line in logs.follow("demo", tail=tail):
+        seen.append(int(line.rsplit(" ", 1)[1]))
+        if seen[-1] == last:
+            break
+    return seen
+
+
 def test_follow_goes_on_in_the_new_file_after_a_rotation(tmp_path: Path) -> None:
     logs = ProcessLogs(tmp_path, max_bytes=16 * 1024)
     logs.write("demo", "web.1", "before")
 
-    async def follow_while_writing() -> list[str]:
-        seen: list[str] = []
-
-        async def read() -> None:
-            async for line in logs.follow("demo"):
-                seen.append(line.rsplit(" ", 1)[1])
-                if seen[-1] == "999":
-                    return
-
-        reader = asyncio.create_task(read())
+    async def follow_while_writing() -> list[int]:
+        reader = asyncio.create_task(numbers_until(logs, 999))
         await asyncio.sleep(0.3)  # the reader is at the end of the file
         for n in range(1000):  # about 45 bytes each: past the limit, so the file rotates under the reader
             logs.write("demo", "web.1", f"line {n}")
             if n % 100 == 0:
                 await asyncio.sleep(0.05)
-        await asyncio.wait_for(reader, 60)
-        return seen
+        return await asyncio.wait_for(reader, 60)
 
     seen = asyncio.run(follow_while_writing())
     assert rotated(logs.path("demo")).exists()
-    assert seen == [str(n) for n in range(1000)]
+    assert seen == list(range(1000))
 
 
 def test_follow_with_a_tail_misses_no_line_written_as_it_starts_and_joins_a_line_being_written(tmp_path: Path) -> None:
@@ -89,16 +90,8 @@ def test_follow_with_a_tail_misses_no_line_written_as_it_starts_and_joins_a_line
     for n in range(50):
         logs.write("demo", "web.1", f"line {n}")
 
-    async def follow_while_writing() -> list[str]:
-        seen: list[str] = []
-
-        async def read() -> None:
-            async for line in logs.follow("demo", tail=5):
-                seen.append(line.rsplit(" ", 1)[1])
-                if seen[-1] == "299":
-                    return
-
-        reader = asyncio.create_task(read())
+    async def follow_while_writing() -> list[int]:
+        reader = asyncio.create_task(numbers_until(logs, 299, tail=5))
         for n in range(50, 300):  # written while the reader starts: after its tail, before it reaches the end
             if n == 150:  # a line caught half written
                 with logs.path("demo").open("a") as log:
@@ -110,9 +103,8 @@ def test_follow_with_a_tail_misses_no_line_written_as_it_starts_and_joins_a_line
             logs.write("demo", "web.1", f"line {n}")
             if n % 50 == 0:
                 await asyncio.sleep(0)
-        await asyncio.wait_for(reader, 60)
-        return seen
+        return await asyncio.wait_for(reader, 60)
 
     seen = asyncio.run(follow_while_writing())
-    assert 45 <= int(seen[0]) <= 100  # five lines of tail, from wherever the file ended when the reader started
-    assert [int(n) for n in seen] == list(range(int(seen[0]), 300)), seen
+    assert 45 <= seen[0] <= 100  # five lines of tail, from wherever the file ended when the reader started
+    assert seen == list(range(seen[0], 300)), seen
