@@ -484,6 +484,17 @@ def test_pipelined_requests_are_answered_in_order(proxy: RouterThread) -> None:
     assert json.loads(responses[3][2])["path"] == "/d"
 
 
+def test_the_rest_of_a_request_is_never_read_as_a_new_one(proxy: RouterThread) -> None:
+    """A read that starts where a request head broke off continues it, even when it looks like a whole request
+    the router could send on without its parser."""
+    with proxy.socket() as sock, sock.makefile("rb") as f:
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: web.localhost\r\n\r\nGET /b HTTP/1.1\r\nX-Part: ")
+        assert json.loads(read_response(f)[2])["path"] == "/a"
+        sock.sendall(b"GET /c HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+        payload = json.loads(read_response(f)[2])
+    assert payload["path"] == "/b" and header(payload, "X-Part") == ["GET /c HTTP/1.1"]
+
+
 def test_head_response_does_not_confuse_the_next_one(proxy: RouterThread) -> None:
     with proxy.socket() as sock, sock.makefile("rb") as f:
         for _ in range(2):

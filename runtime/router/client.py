@@ -18,6 +18,7 @@ from runtime.router.exchange import Exchange
 from runtime.router.headers import read_request
 from runtime.router.pool import UpstreamPool
 from runtime.router.routes import Address, RouteTable, normalize_host
+from runtime.router.simple_heads import simple_request
 from runtime.router.upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._in_message = False
+        """The parser holds part of a request: the next bytes are its continuation, whatever they look like."""
         self._idle_since = 0.0
         self._last_read = 0.0
         self._parsing: Exchange | None = None
@@ -91,6 +94,8 @@ class ClientConnection(asyncio.Protocol):
             self._tunnel(upgrading, data)
             return
         if self._parsing is None:
+            if not self._in_message and self._active is None and not self._queue and self._start_simple(data):
+                return
             self._head_bytes += len(data)
         self._reading = True
         rejected: tuple[int, str] | None = None
@@ -151,7 +156,27 @@ class ClientConnection(asyncio.Protocol):
         if self._active is not None and self._active.upstream is not None:
             self._active.upstream.resume_reading()
 
+    def _start_simple(self, data: bytes) -> bool:
+        """Send a simple request (runtime.router.simple_heads) to its app; False for anything else, which the
+        parser reads, as it does a request for an unknown host or an app with no web process."""
+        if len(data) > self._config.max_head_bytes:
+            return False
+        request = simple_request(data, self._peer, self._proto)
+        if request is None:
+            return False
+        route = self._routes.lookup(request.host)
+        if route is None or not route.upstreams:
+            return False
+        exchange = Exchange(self, request)
+        exchange.route = route
+        exchange.request_complete = True
+        self._start(exchange)
+        return True
+
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -201,6 +226,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         exchange = self._parsing
         self._parsing = None
+        self._in_message = False
         exchange.request_complete = True
         if exchange.request.chunked and exchange.local is None:
             exchange.pending.append(b"0\r\n\r\n")

@@ -111,7 +111,7 @@ def read_request(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
         return request
     request.host = host.decode("latin-1")
     if not has_request_id:
-        out += (b"X-Request-Id: ", b"%s%016x" % (_ID_PREFIX, next(_ids)), b"\r\n")
+        out += (b"X-Request-Id: ", new_request_id(), b"\r\n")
     if request.chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
@@ -120,6 +120,10 @@ def read_request(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
                     b"X-Forwarded-Host: %s\r\n\r\n") % (method, target, host, b"".join(out), forwarded_for, peer,
                                                         proto, host)
     return request
+
+
+def new_request_id() -> bytes:
+    return b"%s%016x" % (_ID_PREFIX, next(_ids))
 
 
 def _nominated(connection: bytes) -> frozenset[bytes]:

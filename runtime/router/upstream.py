@@ -13,6 +13,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from runtime.router.exchange import Exchange
 from runtime.router.headers import CHUNKED, NO_BODY, TUNNEL, response_head
+from runtime.router.simple_heads import simple_response
 
 if TYPE_CHECKING:
     from runtime.router.pool import UpstreamPool
@@ -83,8 +84,16 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is None:  # an idle connection must stay silent
             self.transport.close()
             return
-        self.received = True
         client = exchange.client
+        if not self.received:
+            self.received = True
+            request = exchange.request
+            if (request.keep_alive and request.http11 and request.method != b"HEAD" and not request.upgrade
+                    and (response := simple_response(data)) is not None):
+                exchange.response_started = True
+                client.transport.write(response)
+                client.response_done(exchange, self, True)
+                return
         if self._tunnel:
             client.transport.write(data)
             return

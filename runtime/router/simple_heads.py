@@ -1,0 +1,92 @@
+"""The common exchange read without the parser: a request with no body, a response with a Content-Length.
+
+Each arrives whole in one read and carries no header the router must act on, so two regular expressions (C
+code) check and read its head at once, where the parser calls back into Python for every header. On a small
+machine that interpreted work, not the kernel, is most of the CPU the router spends on a request, and the CPU
+it takes from the apps beside it is most of the latency it adds (scripts/benchmarks/router.py).
+
+Anything else (a body, pipelining, a Connection header but keep-alive, a head split over reads, an unusual byte)
+returns None and goes through the parser, which stays the reference: what is accepted here is what it accepts,
+and more strictly (tests/test_simple_heads.py holds the two side by side).
+"""
+
+from __future__ import annotations
+
+import re
+
+from runtime.router.headers import Request, new_request_id
+
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# A field line of RFC 9112 with no obs-fold: name, colon, value and whitespace of visible bytes, SP and HTAB.
+_FIELDS = rb"((?:" + _TOKEN + rb":[\t -~\x80-\xff]*\r\n)*)\r\n"
+_REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) (/[!-~]*) HTTP/1\.1\r\n" + _FIELDS)
+_RESPONSE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [\t -~\x80-\xff]*\r\n" + _FIELDS)
+# Fields the router reads or drops, or that send the exchange through the parser.
+_REQUEST_NOTED = re.compile(
+    rb"^(host|accept|x-request-id|content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection"
+    rb"|te|trailer|x-forwarded-for|x-forwarded-proto|x-forwarded-host):[ \t]*(.*?)[ \t]*\r$", re.I | re.M)
+_RESPONSE_NOTED = re.compile(
+    rb"^(content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer):[ \t]*(.*?)"
+    rb"[ \t]*\r$", re.I | re.M)
+# `Connection: keep-alive` (browsers, httpx, Node's responses) says what HTTP/1.1 means anyway; it and a Keep-Alive
+# field are hop-by-hop all the same, so they are dropped.
+_KEEP_ALIVE_FIELDS = re.compile(rb"^(?:connection|keep-alive):[^\r]*\r\n", re.I | re.M)
+
+
+def simple_request(data: bytes, peer: bytes, proto: bytes) -> Request | None:
+    """`data` as a request for an app, with the head to forward, if it is exactly one simple request."""
+    match = _REQUEST.fullmatch(data)
+    if match is None:
+        return None
+    method, target, fields = match.groups()
+    host = b""
+    request_id = b""
+    as_html = drop = False
+    for name, value in _REQUEST_NOTED.findall(fields):
+        name = name.lower()
+        if name == b"host" and not host and value:
+            host = value
+        elif name == b"accept":
+            as_html = as_html or b"text/html" in value
+        elif name == b"x-request-id" and not request_id:
+            request_id = value
+        elif name == b"keep-alive" or (name == b"connection" and value.lower() == b"keep-alive"):
+            drop = True
+        else:
+            return None
+    if not host:
+        return None
+    if drop:
+        fields = _KEEP_ALIVE_FIELDS.sub(b"", fields)
+    request = Request(method, True, True, False)
+    request.host = host.decode("latin-1")
+    request.as_html = as_html
+    request.head = (b"%s %s HTTP/1.1\r\n%s%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s"
+                    b"\r\n\r\n") % (method, target, fields,
+                                    b"" if request_id else b"X-Request-Id: %s\r\n" % new_request_id(), peer, proto,
+                                    host)
+    return request
+
+
+def simple_response(data: bytes) -> bytes | None:
+    """`data` for the client if it is exactly one simple response: HTTP/1.1, a status with a body, one
+    Content-Length and no hop-by-hop field but keep-alive ones."""
+    match = _RESPONSE.match(data)
+    if match is None or match[1] == b"204" or match[1] == b"304":
+        return None
+    length = b""
+    drop = False
+    for name, value in _RESPONSE_NOTED.findall(match[2]):
+        name = name.lower()
+        if name == b"content-length" and not length and value.isdigit():
+            length = value
+        elif name == b"keep-alive" or (name == b"connection" and value.lower() == b"keep-alive"):
+            drop = True
+        else:
+            return None
+    if not length or match.end() + int(length) != len(data):
+        return None
+    if drop:
+        start = match.start(2)
+        return data[:start] + _KEEP_ALIVE_FIELDS.sub(b"", match[2]) + data[match.end(2):]
+    return data
