@@ -471,6 +471,25 @@ def test_http10_client_gets_close_delimited_body(proxy: RouterThread) -> None:
     assert body == b"alpha,beta,gamma"
 
 
+@pytest.mark.parametrize(("request_bytes", "connection", "stays_open"), [
+    (b"GET /keep HTTP/1.0\r\nHost: web.localhost\r\nConnection: keep-alive\r\n\r\n", "keep-alive", True),
+    (b"GET /keep HTTP/1.0\r\nHost: web.localhost\r\n\r\n", "close", False),
+    (b"GET /keep HTTP/1.1\r\nHost: web.localhost\r\nConnection: close\r\n\r\n", "close", False),
+])
+def test_the_client_hears_whether_its_connection_stays_open(proxy: RouterThread, request_bytes: bytes,
+                                                            connection: str, stays_open: bool) -> None:
+    """The app answers each with a plain Content-Length response, which alone does not tell the client."""
+    with proxy.socket() as sock, sock.makefile("rb") as f:
+        sock.sendall(request_bytes)
+        status, headers, body = read_response(f)
+        assert status == 200 and headers["connection"] == connection and json.loads(body)["path"] == "/keep"
+        if stays_open:
+            sock.sendall(request_bytes)
+            assert read_response(f)[0] == 200
+        else:
+            assert f.read() == b""  # the router closed it
+
+
 def test_pipelined_requests_are_answered_in_order(proxy: RouterThread) -> None:
     with proxy.socket() as sock, sock.makefile("rb") as f:
         sock.sendall(b"GET /a HTTP/1.1\r\nHost: web.localhost\r\n\r\n"

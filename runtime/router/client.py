@@ -170,6 +170,7 @@ class ClientConnection(asyncio.Protocol):
         exchange = Exchange(self, request)
         exchange.route = route
         exchange.request_complete = True
+        self._head_bytes = 0  # a stray CRLF the parser skipped is not the start of a head that stalls
         self._start(exchange)
         return True
 

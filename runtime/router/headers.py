@@ -15,10 +15,11 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
 REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
-# What the head builders do with a header, by lower-case name; any other header is forwarded as is.
+# What the head builders do with a header, by lower-case name; any other header is forwarded as is (as is any
+# header in runtime.router.simple_heads, which leaves a message with one of these to the parser).
 (_HOST, _FORWARDED_FOR, _TRANSFER_ENCODING, _UPGRADE, _CONNECTION, _DROP, _CONTENT_LENGTH, _ACCEPT,
  _REQUEST_ID) = range(9)
-_NOTED_REQUEST = {
+NOTED_REQUEST = {
     b"host": _HOST, b"x-forwarded-for": _FORWARDED_FOR, b"transfer-encoding": _TRANSFER_ENCODING,
     b"upgrade": _UPGRADE, b"connection": _CONNECTION, b"content-length": _CONTENT_LENGTH, b"accept": _ACCEPT,
     b"x-request-id": _REQUEST_ID,
@@ -26,7 +27,7 @@ _NOTED_REQUEST = {
                      b"x-forwarded-host"), _DROP),
 }
 
-_NOTED_RESPONSE = {
+NOTED_RESPONSE = {
     b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING, b"upgrade": _UPGRADE,
     b"connection": _CONNECTION, **dict.fromkeys((b"keep-alive", b"proxy-connection", b"te", b"trailer"), _DROP),
 }
@@ -73,11 +74,11 @@ def read_request(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
     upgrade_to = b""
     nominated = b""
     for name, value in headers:
-        noted = _NOTED_REQUEST.get(name.lower())
+        noted = NOTED_REQUEST.get(name.lower())
         if noted is None:
             out += (name, b": ", value, b"\r\n")
         elif noted == _HOST:
-            host, hosts = value, hosts + 1
+            host, hosts = value.rstrip(b" \t"), hosts + 1  # llhttp leaves trailing whitespace in a value
         elif noted == _FORWARDED_FOR:
             forwarded_for += value + b", "
         elif noted == _TRANSFER_ENCODING:
@@ -116,14 +117,20 @@ def read_request(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
         out.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
         out += (b"Connection: upgrade\r\nUpgrade: ", upgrade_to, b"\r\n")
-    request.head = (b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s%s\r\nX-Forwarded-Proto: %s\r\n"
-                    b"X-Forwarded-Host: %s\r\n\r\n") % (method, target, host, b"".join(out), forwarded_for, peer,
-                                                        proto, host)
+    request.head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s" % (method, target, host, b"".join(out),
+                                                          forwarded_fields(forwarded_for + peer, proto, host))
     return request
 
 
 def new_request_id() -> bytes:
+    """An X-Request-Id for a request that came without one, so an app's logs can name it."""
     return b"%s%016x" % (_ID_PREFIX, next(_ids))
+
+
+def forwarded_fields(forwarded_for: bytes, proto: bytes, host: bytes) -> bytes:
+    """The X-Forwarded-* fields that end every head the router sends an app, and the head's end."""
+    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n" % (
+        forwarded_for, proto, host)
 
 
 def _nominated(connection: bytes) -> frozenset[bytes]:
@@ -142,7 +149,7 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     has_length = chunked = False
     upgrade_to = nominated = b""
     for name, value in headers:
-        noted = _NOTED_RESPONSE.get(name.lower())
+        noted = NOTED_RESPONSE.get(name.lower())
         if noted is None:
             out += (name, b": ", value, b"\r\n")
         elif noted == _CONTENT_LENGTH:

@@ -13,21 +13,25 @@ and more strictly (tests/test_simple_heads.py holds the two side by side).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
-from runtime.router.headers import Request, new_request_id
+from runtime.router.headers import NOTED_REQUEST, NOTED_RESPONSE, Request, forwarded_fields, new_request_id
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 # A field line of RFC 9112 with no obs-fold: name, colon, value and whitespace of visible bytes, SP and HTAB.
 _FIELDS = rb"((?:" + _TOKEN + rb":[\t -~\x80-\xff]*\r\n)*)\r\n"
+# A request is the whole read (fullmatch); a response's body follows its head (match), and must end the read.
 _REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) (/[!-~]*) HTTP/1\.1\r\n" + _FIELDS)
 _RESPONSE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [\t -~\x80-\xff]*\r\n" + _FIELDS)
-# Fields the router reads or drops, or that send the exchange through the parser.
-_REQUEST_NOTED = re.compile(
-    rb"^(host|accept|x-request-id|content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection"
-    rb"|te|trailer|x-forwarded-for|x-forwarded-proto|x-forwarded-host):[ \t]*(.*?)[ \t]*\r$", re.I | re.M)
-_RESPONSE_NOTED = re.compile(
-    rb"^(content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer):[ \t]*(.*?)"
-    rb"[ \t]*\r$", re.I | re.M)
+
+
+def _noted(names: Iterable[bytes]) -> re.Pattern[bytes]:
+    """The fields the parser's head builders act on (runtime.router.headers), with their values."""
+    return re.compile(rb"^(" + b"|".join(map(re.escape, names)) + rb"):[ \t]*(.*?)[ \t]*\r$", re.I | re.M)
+
+
+_REQUEST_NOTED = _noted(NOTED_REQUEST)
+_RESPONSE_NOTED = _noted(NOTED_RESPONSE)
 # `Connection: keep-alive` (browsers, httpx, Node's responses) says what HTTP/1.1 means anyway; it and a Keep-Alive
 # field are hop-by-hop all the same, so they are dropped.
 _KEEP_ALIVE_FIELDS = re.compile(rb"^(?:connection|keep-alive):[^\r]*\r\n", re.I | re.M)
@@ -40,16 +44,15 @@ def simple_request(data: bytes, peer: bytes, proto: bytes) -> Request | None:
         return None
     method, target, fields = match.groups()
     host = b""
-    request_id = b""
-    as_html = drop = False
+    as_html = has_request_id = drop = False
     for name, value in _REQUEST_NOTED.findall(fields):
         name = name.lower()
         if name == b"host" and not host and value:
             host = value
         elif name == b"accept":
-            as_html = as_html or b"text/html" in value
-        elif name == b"x-request-id" and not request_id:
-            request_id = value
+            as_html = b"text/html" in value  # the last one, as the parser's builder reads it
+        elif name == b"x-request-id" and not has_request_id:
+            has_request_id = True
         elif name == b"keep-alive" or (name == b"connection" and value.lower() == b"keep-alive"):
             drop = True
         else:
@@ -58,13 +61,12 @@ def simple_request(data: bytes, peer: bytes, proto: bytes) -> Request | None:
         return None
     if drop:
         fields = _KEEP_ALIVE_FIELDS.sub(b"", fields)
-    request = Request(method, True, True, False)
+    request = Request(method, http11=True, keep_alive=True, upgrade=False)
     request.host = host.decode("latin-1")
     request.as_html = as_html
-    request.head = (b"%s %s HTTP/1.1\r\n%s%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s"
-                    b"\r\n\r\n") % (method, target, fields,
-                                    b"" if request_id else b"X-Request-Id: %s\r\n" % new_request_id(), peer, proto,
-                                    host)
+    request.head = b"%s %s HTTP/1.1\r\n%s%s%s" % (method, target, fields,
+                                                  b"" if has_request_id else b"X-Request-Id: %s\r\n" % new_request_id(),
+                                                  forwarded_fields(peer, proto, host))
     return request
 
 
