@@ -686,6 +686,24 @@ def test_broken_app_response_gets_502(proxy: RouterThread, answer: bytes) -> Non
         app.stop()
 
 
+def test_a_body_that_comes_in_pieces_is_passed_on_and_bytes_past_its_end_are_not(proxy: RouterThread) -> None:
+    def serve(conn: socket.socket, f: BinaryIO) -> None:
+        read_request_head(f)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        time.sleep(0.2)
+        conn.sendall(b"-half" + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!")  # answers no request
+        read_request_head(f)  # the connection is out of step: a request sent on it would get "evil!"
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwrong")
+
+    app = RawApp(serve)
+    try:
+        proxy.router.set_app("pieces", ["pieces.localhost"], [("127.0.0.1", app.port)])
+        with proxy.client("pieces.localhost") as client:
+            assert [client.get("/").content for _ in range(2)] == [b"first-half"] * 2
+    finally:
+        app.stop()
+
+
 def test_request_is_retried_when_the_app_drops_a_reused_connection(proxy: RouterThread) -> None:
     def serve(conn: socket.socket, f: BinaryIO) -> None:
         """Answer the first request on a connection; close on the second unanswered, as after an idle timeout."""

@@ -197,15 +197,17 @@ def test_a_response_passed_on_without_the_parser_is_one_the_parser_reads_the_sam
     fast = simple_response(data)
     if fast is None:
         return
+    response, rest = fast
     message = Message()
     parser = message.parser = HttpResponseParser(message)
-    parser.feed_data(data)  # raises if llhttp finds the response invalid
-    assert message.begun == 1 and message.complete == 1 and message.body == fast.partition(b"\r\n\r\n")[2]
+    parser.feed_data(data + b"x" * rest)  # raises if llhttp finds the response invalid
+    assert message.begun == 1 and message.complete == 1
+    assert message.body == response.partition(b"\r\n\r\n")[2] + b"x" * rest
     request = simple_request(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n\r\n", PEER, PROTO)
     head, framing, _, _ = response_head(parser.get_status_code(), message.reason, message.headers, request)
     assert framing == LENGTH and message.keep_alive
-    assert fields(fast)[1] == fields(head)[1]
-    assert fast.split(b" ", 2)[:2] == head.split(b" ", 2)[:2]
+    assert fields(response)[1] == fields(head)[1]
+    assert response.split(b" ", 2)[:2] == head.split(b" ", 2)[:2]
 
 
 def test_the_responses_of_common_app_servers_are_passed_on_without_the_parser() -> None:
@@ -213,8 +215,9 @@ def test_the_responses_of_common_app_servers_are_passed_on_without_the_parser() 
     node = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\nDate: Thu, 26 Nov 2026 "
             b"08:00:00 GMT\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" + body)
     assert simple_response(node) == (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n"
-                                     b"Date: Thu, 26 Nov 2026 08:00:00 GMT\r\n\r\n" + body)
+                                     b"Date: Thu, 26 Nov 2026 08:00:00 GMT\r\n\r\n" + body, 0)
     uvicorn = (b"HTTP/1.1 404 Not Found\r\ndate: Thu, 26 Nov 2026 08:00:00 GMT\r\nserver: uvicorn\r\n"
                b"content-length: 12\r\ncontent-type: application/json\r\n\r\n" + body)
-    assert simple_response(uvicorn) == uvicorn
-    assert simple_response(uvicorn[:-1]) is None  # the rest of the body is still to come: the parser follows it
+    assert simple_response(uvicorn) == (uvicorn, 0)
+    assert simple_response(uvicorn[:-5]) == (uvicorn[:-5], 5)  # the rest of the body is counted as it comes
+    assert simple_response(uvicorn + b"H") is None  # a byte past the end: the parser's path judges the connection

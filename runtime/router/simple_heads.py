@@ -1,6 +1,7 @@
 """The common exchange read without the parser: a request with no body, a response with a Content-Length.
 
-Each arrives whole in one read and carries no header the router must act on, so two regular expressions (C
+Each head arrives whole in one read (the request's alone, the response's with its body or the start of it) and
+carries no header the router must act on, so two regular expressions (C
 code) check and read its head at once, where the parser calls back into Python for every header. On a small
 machine that interpreted work, not the kernel, is most of the CPU the router spends on a request, and the CPU
 it takes from the apps beside it is most of the latency it adds (scripts/benchmarks/router.py).
@@ -70,9 +71,10 @@ def simple_request(data: bytes, peer: bytes, proto: bytes) -> Request | None:
     return request
 
 
-def simple_response(data: bytes) -> bytes | None:
-    """`data` for the client if it is exactly one simple response: HTTP/1.1, a status with a body, one
-    Content-Length and no hop-by-hop field but keep-alive ones."""
+def simple_response(data: bytes) -> tuple[bytes, int] | None:
+    """`data` for the client, and how many bytes of its body are still to come, if it starts a simple response:
+    HTTP/1.1, a status with a body, one Content-Length and no hop-by-hop field but keep-alive ones, nothing after
+    its end."""
     match = _RESPONSE.match(data)
     if match is None or match[1] == b"204" or match[1] == b"304":
         return None
@@ -86,9 +88,12 @@ def simple_response(data: bytes) -> bytes | None:
             drop = True
         else:
             return None
-    if not length or match.end() + int(length) != len(data):
+    if not length:
+        return None
+    rest = match.end() + int(length) - len(data)
+    if rest < 0:
         return None
     if drop:
         start = match.start(2)
-        return data[:start] + _KEEP_ALIVE_FIELDS.sub(b"", match[2]) + data[match.end(2):]
-    return data
+        return data[:start] + _KEEP_ALIVE_FIELDS.sub(b"", match[2]) + data[match.end(2):], rest
+    return data, rest

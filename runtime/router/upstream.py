@@ -52,10 +52,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = False
         self._tunnel = False
         self._reading_paused = False
+        self._rest = 0
+        """Bytes of a simple response's body (runtime.router.simple_heads) still to come, passed on as counted."""
 
     def begin(self, exchange: Exchange) -> None:
         self.exchange = exchange
         self.received = self._done = self._interim = self._until_close = False
+        self._rest = 0
         if exchange.client.writing_paused:
             self.pause_reading()
 
@@ -85,14 +88,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
             return
         client = exchange.client
+        if self._rest:
+            self._pass_rest(exchange, data)
+            return
         if not self.received:
             self.received = True
             request = exchange.request
             if (request.keep_alive and request.http11 and request.method != b"HEAD" and not request.upgrade
-                    and (response := simple_response(data)) is not None):
+                    and (simple := simple_response(data)) is not None):
+                response, self._rest = simple
                 exchange.response_started = True
                 client.transport.write(response)
-                client.response_done(exchange, self, True)
+                if not self._rest:
+                    client.response_done(exchange, self, True)
                 return
         if self._tunnel:
             client.transport.write(data)
@@ -116,6 +124,18 @@ class UpstreamConnection(asyncio.Protocol):
             out.clear()
         if self._done:
             client.response_done(exchange, self, self._keep_alive)
+
+    def _pass_rest(self, exchange: Exchange, data: bytes) -> None:
+        client = exchange.client
+        rest = self._rest
+        if len(data) < rest:
+            self._rest = rest - len(data)
+            client.transport.write(data)
+            return
+        self._rest = 0
+        client.transport.write(data if len(data) == rest else data[:rest])
+        # Bytes past the end answer nothing the router asked: the connection is out of step and is not used again.
+        client.response_done(exchange, self, len(data) == rest)
 
     def eof_received(self) -> bool:
         return False
