@@ -57,9 +57,11 @@ def test_tail_reads_the_rotated_file_when_the_current_one_is_short(tmp_path: Pat
     assert not logs.path("demo").exists() and not rotated(logs.path("demo")).exists()
 
 
-async def numbers_until(logs: ProcessLogs, last: int, tail: int | None = None) -> list[int]:
-    """The number ending each line that following the demo app's log shows, up to `last`."""
-    seen: list[int] = []
+async def numbers_until(logs: ProcessLogs, last: int, tail: int | None = None,
+                        seen: list[int] | None = None) -> list[int]:
+    """The number ending each line that following the demo app's log shows, up to `last`, added to `seen` as
+    they come."""
+    seen = [] if seen is None else seen
     async for line in logs.follow("demo", tail=tail):
         seen.append(int(line.rsplit(" ", 1)[1]))
         if seen[-1] == last:
@@ -91,13 +93,18 @@ def test_follow_with_a_tail_misses_no_line_written_as_it_starts_and_joins_a_line
         logs.write("demo", "web.1", f"line {n}")
 
     async def follow_while_writing() -> list[int]:
-        reader = asyncio.create_task(numbers_until(logs, 299, tail=5))
+        seen: list[int] = []
+        reader = asyncio.create_task(numbers_until(logs, 299, tail=5, seen=seen))
         for n in range(50, 300):  # written while the reader starts: after its tail, before it reaches the end
-            if n == 150:  # a line caught half written
+            if n == 150:  # a line caught half written: its end waits until the reader is at it
                 with logs.path("demo").open("a") as log:
                     log.write("2026-11-26T00:00:00Z web.1 | line 1")
                     log.flush()
-                    await asyncio.sleep(0.5)
+                    for _ in range(6000):  # up to a minute, as long as the reader may take
+                        if 149 in seen or reader.done():
+                            break
+                        await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.3)  # a poll or two of the reader with the line half there
                     log.write("50\n")
                 continue
             logs.write("demo", "web.1", f"line {n}")
@@ -106,5 +113,5 @@ def test_follow_with_a_tail_misses_no_line_written_as_it_starts_and_joins_a_line
         return await asyncio.wait_for(reader, 60)
 
     seen = asyncio.run(follow_while_writing())
-    assert 45 <= seen[0] <= 100  # five lines of tail, from wherever the file ended when the reader started
+    assert 45 <= seen[0] <= 145  # five lines of tail, from wherever the file ended when the reader started
     assert seen == list(range(seen[0], 300)), seen
