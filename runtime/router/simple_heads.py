@@ -38,6 +38,10 @@ _RESPONSE_NOTED = _noted(NOTED_RESPONSE)
 _KEEP_ALIVE_FIELDS = re.compile(rb"^(?:connection|keep-alive):[^\r]*\r\n", re.I | re.M)
 
 
+def _says_keep_alive(name: bytes, value: bytes) -> bool:
+    return name == b"keep-alive" or (name == b"connection" and value.lower() == b"keep-alive")
+
+
 def simple_request(data: bytes, peer: bytes, proto: bytes) -> Request | None:
     """`data` as a request for an app, with the head to forward, if it is exactly one simple request."""
     match = _REQUEST.fullmatch(data)
@@ -54,7 +58,7 @@ def simple_request(data: bytes, peer: bytes, proto: bytes) -> Request | None:
             as_html = b"text/html" in value  # the last one, as the parser's builder reads it
         elif name == b"x-request-id" and not has_request_id:
             has_request_id = True
-        elif name == b"keep-alive" or (name == b"connection" and value.lower() == b"keep-alive"):
+        elif _says_keep_alive(name, value):
             drop = True
         else:
             return None
@@ -84,7 +88,7 @@ def simple_response(data: bytes) -> tuple[bytes, int] | None:
         name = name.lower()
         if name == b"content-length" and not length and value.isdigit():
             length = value
-        elif name == b"keep-alive" or (name == b"connection" and value.lower() == b"keep-alive"):
+        elif _says_keep_alive(name, value):
             drop = True
         else:
             return None
