@@ -51,7 +51,6 @@ class Rollout:
         self._live: dict[str, int] = {}  # app -> the version the router sends traffic to
         self._current: dict[str, set[Path]] = {}  # app -> the instances of the live rollout
         self._hostnames: dict[str, Sequence[str]] = {}  # app -> the names it answers to, as last set
-        self._web: dict[str, list[Instance]] = {}  # app -> the web processes last sent to the router
         self.liveness = LivenessMonitor(logs)
 
     async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> None:
@@ -85,11 +84,12 @@ class Rollout:
             await asyncio.gather(*(self.scheduler.stop(i) for i in started), return_exceptions=True)
             raise
         hostnames = self._hostnames.get(spec.app, spec.hostnames)  # a domains:add during the checks counts
-        # The new release is live from here: the router's changes cannot be taken back, only finished.
+        # The new release is live from here, noted before the router has it: a reroute while this waits sends
+        # the new processes. The router's changes cannot be taken back, only finished.
         self._live[spec.app] = spec.version
         self._current[spec.app] = {i.directory for i in started}
         self.liveness.watch(spec.app, started, spec.healthchecks)
-        await self._route(spec.app, hostnames, web)
+        await self.router.set_app(spec.app, hostnames, _upstreams(web))
         say(f"routing {', '.join(hostnames)} to v{spec.version}" + ("" if web else " (no web process)"))
         self._drain(old)
 
@@ -124,24 +124,20 @@ class Rollout:
         self._live[app] = version
         self._current[app] = {i.directory for i in current}
         self.liveness.watch(app, current, healthchecks)
-        await self._route(app, hostnames, [i for i in current if i.process_type == "web"])
+        await self.router.set_app(app, hostnames, _upstreams(i for i in current if i.process_type == "web"))
         self._drain(stale)
         return True
 
     async def reroute(self, app: str, hostnames: Sequence[str]) -> None:
         """New host names for the processes already live (domains:add), and for a rollout under way."""
         self._hostnames[app] = hostnames
-        await self.router.set_app(app, hostnames, _upstreams(i for i in self._web.get(app, []) if i.alive()))
-
-    async def _route(self, app: str, hostnames: Sequence[str], web: list[Instance]) -> None:
-        """Send the app's traffic to `web`. Noted before the router has it: a reroute while this waits must
-        send the same processes, not the ones before."""
-        self._web[app] = web
-        await self.router.set_app(app, hostnames, _upstreams(web))
+        current = self._current.get(app, set())
+        await self.router.set_app(app, hostnames, _upstreams(
+            i for i in self.scheduler.instances(app) if i.directory in current and i.process_type == "web"
+            and i.alive()))
 
     async def stop_app(self, app: str, hostnames: Sequence[str] | None = None) -> None:
         """Stop every process; with `hostnames` the app stays routed (503 until it runs again), else unrouted."""
-        self._web.pop(app, None)
         self._live.pop(app, None)
         self._current.pop(app, None)
         self._hostnames.pop(app, None)
