@@ -170,7 +170,7 @@ class DeployManagement:
         the reader goes away. Refuses at once (before the first line) a reader who may not read the app's logs.
         Runs on the daemon's loop, not in a command thread: it lasts as long as the reader."""
         await asyncio.to_thread(self.apps.authorize, self.actor, app, Role.READ)
-        return self.deploys.deployments.logs.follow(app, process, stop=stop, tail=tail)
+        return self.deploys.deployments.logs.follow(app, tail, process, stop=stop)
 
     def resources(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.READ)

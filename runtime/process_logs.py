@@ -50,21 +50,17 @@ class ProcessLogs:
             kept, _ = self._recent(path, log, lines, process)
         return kept
 
-    async def follow(self, app: str, process: str | None = None, stop: Callable[[], bool] = lambda: False,
-                     tail: int | None = None) -> AsyncIterator[str]:
-        """The last `tail` lines (all with 0, none with None), then new lines as they are written, until `stop()`
-        says the reader went away. One open file serves both, so no line written meanwhile falls between."""
+    async def follow(self, app: str, tail: int, process: str | None = None,
+                     stop: Callable[[], bool] = lambda: False) -> AsyncIterator[str]:
+        """The last `tail` lines (all with 0), then new lines as they are written, until `stop()` says the reader
+        went away. One open file serves both, so no line written meanwhile falls between."""
         path = self.path(app)
         path.touch()
         log = path.open(errors="replace")
         try:
-            if tail is None:
-                log.seek(0, 2)
-                partial = ""
-            else:
-                recent, partial = await asyncio.to_thread(self._recent, path, log, tail, process)  # up to 32 MiB
-                for line in recent:
-                    yield line
+            recent, partial = await asyncio.to_thread(self._recent, path, log, tail, process)  # up to 32 MiB
+            for line in recent:
+                yield line
             while not stop():
                 line = log.readline()
                 if line.endswith("\n"):

@@ -57,12 +57,11 @@ def test_tail_reads_the_rotated_file_when_the_current_one_is_short(tmp_path: Pat
     assert not logs.path("demo").exists() and not rotated(logs.path("demo")).exists()
 
 
-async def numbers_until(logs: ProcessLogs, last: int, tail: int | None = None,
-                        seen: list[int] | None = None) -> list[int]:
+async def numbers_until(logs: ProcessLogs, last: int, tail: int = 0, seen: list[int] | None = None) -> list[int]:
     """The number ending each line that following the demo app's log shows, up to `last`, added to `seen` as
     they come."""
     seen = [] if seen is None else seen
-    async for line in logs.follow("demo", tail=tail):
+    async for line in logs.follow("demo", tail):
         seen.append(int(line.rsplit(" ", 1)[1]))
         if seen[-1] == last:
             break
@@ -71,7 +70,6 @@ async def numbers_until(logs: ProcessLogs, last: int, tail: int | None = None,
 
 def test_follow_goes_on_in_the_new_file_after_a_rotation(tmp_path: Path) -> None:
     logs = ProcessLogs(tmp_path, max_bytes=16 * 1024)
-    logs.write("demo", "web.1", "before")
 
     async def follow_while_writing() -> list[int]:
         reader = asyncio.create_task(numbers_until(logs, 999))
