@@ -1,10 +1,10 @@
 """The common exchange read without the parser: a request with no body, a response with a Content-Length.
 
 Each head arrives whole in one read (the request's alone, the response's with its body or the start of it) and
-carries no header the router must act on, so two regular expressions (C
-code) check and read its head at once, where the parser calls back into Python for every header. On a small
-machine that interpreted work, not the kernel, is most of the CPU the router spends on a request, and the CPU
-it takes from the apps beside it is most of the latency it adds (scripts/benchmarks/router.py).
+carries no header the router must act on, so two regular expressions (C code) check and read it at once, where
+the parser calls back into Python for every header. On a small machine that interpreted work, not the kernel,
+is most of the CPU the router spends on a request, and the CPU it takes from the apps beside it is most of the
+latency it adds (scripts/benchmarks/router.py).
 
 Anything else (a body, pipelining, a Connection header but keep-alive, a head split over reads, an unusual byte)
 returns None and goes through the parser, which stays the reference: what is accepted here is what it accepts,
