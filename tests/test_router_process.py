@@ -90,6 +90,20 @@ def pids(run_dir: Path) -> list[int]:
     return [client.pid for client, _ in routers]
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP, and wait until every thread has stopped: the kernel wakes one thread to stop the group, and
+    until that one runs, another can still answer a control request."""
+    os.kill(pid, signal.SIGSTOP)
+    states: list[str] = []
+    for _ in range(WAIT * 100):
+        states = [(task / "stat").read_text().rpartition(")")[2].split()[0]
+                  for task in Path(f"/proc/{pid}/task").iterdir()]
+        if all(state == "T" for state in states):
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"the router process {pid} did not stop: its threads are {states}")
+
+
 def start(loop: Daemonless, run_dir: Path, port: int) -> RouterProcess:
     router = RouterProcess("127.0.0.1", port, run_dir, run_dir.parent / "router.log")
     loop.run(router.start())
@@ -172,7 +186,7 @@ def test_a_wedged_router_is_replaced(setup, app: int) -> None:
     router = start(loop, run_dir, port)
     loop.run(router.set_app("hello", ["hello.localhost"], [("127.0.0.1", app)]))
     [pid] = pids(run_dir)
-    os.kill(pid, signal.SIGSTOP)  # alive, but it answers nothing
+    freeze(pid)  # alive, but it answers nothing
     for _ in range(300):  # the watcher asks every second and waits 5 s for an answer
         if not running(pid):
             break
@@ -186,7 +200,7 @@ def test_a_change_the_router_cannot_take_is_not_lost_and_does_not_hold_up_the_da
     loop, run_dir, port = setup
     router = start(loop, run_dir, port)
     [pid] = pids(run_dir)
-    os.kill(pid, signal.SIGSTOP)
+    freeze(pid)
 
     async def change() -> bool:
         """Whether the loop ran on while the change waited for the stopped router."""
@@ -264,7 +278,7 @@ def test_a_name_added_while_a_rollout_waits_for_the_router_goes_to_the_new_relea
     async def scenario() -> list[dict]:
         await rollout.deploy(release(1), lambda line: None)
         [pid] = pids(run_dir)
-        os.kill(pid, signal.SIGSTOP)  # the switch to v2 waits for the control timeout and a new router
+        freeze(pid)  # the switch to v2 waits for the control timeout and a new router
         deploying = asyncio.ensure_future(rollout.deploy(release(2), lambda line: None))
         while not any(p["release"] == "v2" and p["state"] == "running" for p in rollout.processes("demo")):
             assert not deploying.done(), deploying.exception()
