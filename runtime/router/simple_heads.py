@@ -27,19 +27,22 @@ _RESPONSE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [\t -~\x80-\xff]*\r\n" + _
 
 
 def _noted(names: Iterable[bytes]) -> re.Pattern[bytes]:
-    """The fields the parser's head builders act on (runtime.router.headers), with their values."""
-    return re.compile(rb"^(" + b"|".join(map(re.escape, names)) + rb"):[ \t]*(.*?)[ \t]*\r$", re.I | re.M)
+    """The fields the parser's head builders act on (runtime.router.headers), with their values and any trailing
+    whitespace. Searched from the newline before the first field: the engine skips from newline to newline,
+    where `^` in multi-line mode would be tried at every byte."""
+    return re.compile(rb"\n(" + b"|".join(map(re.escape, names)) + rb"):[ \t]*([^\r]*)", re.I)
 
 
 _REQUEST_NOTED = _noted(NOTED_REQUEST)
 _RESPONSE_NOTED = _noted(NOTED_RESPONSE)
 # `Connection: keep-alive` (browsers, httpx, Node's responses) says what HTTP/1.1 means anyway; it and a Keep-Alive
 # field are hop-by-hop all the same, so they are dropped.
-_KEEP_ALIVE_FIELDS = re.compile(rb"^(?:connection|keep-alive):[^\r]*\r\n", re.I | re.M)
+# Each goes with the line break before it, so a head's last field line keeps its own.
+_KEEP_ALIVE_FIELDS = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.I)
 
 
 def _says_keep_alive(name: bytes, value: bytes) -> bool:
-    return name == b"keep-alive" or (name == b"connection" and value.lower() == b"keep-alive")
+    return name == b"keep-alive" or (name == b"connection" and value.rstrip(b" \t").lower() == b"keep-alive")
 
 
 def simple_request(data: bytes, peer: bytes, proto: bytes) -> Request | None:
@@ -47,12 +50,11 @@ def simple_request(data: bytes, peer: bytes, proto: bytes) -> Request | None:
     match = _REQUEST.fullmatch(data)
     if match is None:
         return None
-    method, target, fields = match.groups()
     host = b""
     as_html = has_request_id = drop = False
-    for name, value in _REQUEST_NOTED.findall(fields):
+    for name, value in _REQUEST_NOTED.findall(data, match.start(3) - 1):
         name = name.lower()
-        if name == b"host" and not host and value:
+        if name == b"host" and not host and (value := value.rstrip(b" \t")):
             host = value
         elif name == b"accept":
             as_html = b"text/html" in value  # the last one, as the parser's builder reads it
@@ -64,14 +66,13 @@ def simple_request(data: bytes, peer: bytes, proto: bytes) -> Request | None:
             return None
     if not host:
         return None
-    if drop:
-        fields = _KEEP_ALIVE_FIELDS.sub(b"", fields)
-    request = Request(method, http11=True, keep_alive=True, upgrade=False)
+    head = data[:-2]  # all but the blank line, which comes after the fields added here
+    request = Request(match[1], http11=True, keep_alive=True, upgrade=False)
     request.host = host.decode("latin-1")
     request.as_html = as_html
-    request.head = b"%s %s HTTP/1.1\r\n%s%s%s" % (method, target, fields,
-                                                  b"" if has_request_id else b"X-Request-Id: %s\r\n" % new_request_id(),
-                                                  forwarded_fields(peer, proto, host))
+    request.head = b"%s%s%s" % (_KEEP_ALIVE_FIELDS.sub(b"", head) if drop else head,
+                                b"" if has_request_id else b"X-Request-Id: %s\r\n" % new_request_id(),
+                                forwarded_fields(peer, proto, host))
     return request
 
 
@@ -82,11 +83,12 @@ def simple_response(data: bytes) -> tuple[bytes, int] | None:
     match = _RESPONSE.match(data)
     if match is None or match[1] == b"204" or match[1] == b"304":
         return None
+    end = match.end(2)
     length = b""
     drop = False
-    for name, value in _RESPONSE_NOTED.findall(match[2]):
+    for name, value in _RESPONSE_NOTED.findall(data, match.start(2) - 1, end):
         name = name.lower()
-        if name == b"content-length" and not length and value.isdigit():
+        if name == b"content-length" and not length and (value := value.rstrip(b" \t")).isdigit():
             length = value
         elif _says_keep_alive(name, value):
             drop = True
@@ -98,6 +100,5 @@ def simple_response(data: bytes) -> tuple[bytes, int] | None:
     if rest < 0:
         return None
     if drop:
-        start = match.start(2)
-        return data[:start] + _KEEP_ALIVE_FIELDS.sub(b"", match[2]) + data[match.end(2):], rest
+        return _KEEP_ALIVE_FIELDS.sub(b"", data[:end]) + data[end:], rest
     return data, rest
