@@ -538,10 +538,10 @@ def test_concurrent_pushes_to_one_repository(daemon: Daemon) -> None:
         results = list(pool.map(push, jobs))
 
     refs = server_refs(daemon, app)
-    for (_, branch, sha, _), result in zip(jobs[:6], results[:6]):
+    for (_, branch, sha, _), result in zip(jobs[:6], results[:6], strict=True):
         assert result.returncode == 0, result.stderr
         assert refs[f"refs/heads/{branch}"] == sha
-    racers = list(zip(jobs[6:], results[6:]))
+    racers = list(zip(jobs[6:], results[6:], strict=True))
     winners = [sha for (_, _, sha, _), result in racers if result.returncode == 0]
     assert len(winners) == 1, [result.stderr for _, result in racers]
     assert refs["refs/heads/race"] == winners[0]

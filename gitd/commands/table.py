@@ -189,7 +189,7 @@ def _table(rows: list[dict], columns: tuple[str, ...]) -> str:
         return "(none)\n"
     cells = [[c.upper() for c in columns]] + [[_plain(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return "".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n" for row in cells)
+    return "".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in cells)
 
 
 def run(argv: list[str], ops: Operations, read_stdin: Callable[[], str]) -> str:

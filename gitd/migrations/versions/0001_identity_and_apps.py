@@ -1,7 +1,7 @@
 """identity and apps
 
 Revision ID: 0001
-Revises: 
+Revises:
 """
 
 from alembic import op

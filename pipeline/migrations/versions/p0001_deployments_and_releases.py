@@ -1,7 +1,7 @@
 """deployments and releases
 
 Revision ID: p0001
-Revises: 
+Revises:
 """
 
 from alembic import op
