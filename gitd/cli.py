@@ -22,8 +22,10 @@ CLI_CONFIG = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / 
 def _settings(args: argparse.Namespace):
     from gitd.settings import Settings
 
-    fields = ("data_dir", "host", "ssh_port", "http_port", "router_port", "domain", "git_backend", "max_push_bytes",
-              "apps_dir", "extra_ca_certs", "app_user", "app_uid_base", "max_concurrent_builds", "log_max_bytes")
+    from pipeline.limits import Limits
+
+    fields = ("data_dir", "host", "ssh_port", "http_port", "router_port", "domain", "git_backend", "apps_dir",
+              "extra_ca_certs", "app_user", "app_uid_base", "max_concurrent_builds", *Limits.model_fields)
     given = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     try:
         return Settings(**given)
@@ -130,6 +132,8 @@ def _api_client() -> ApiClient:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.limits import Limits
+
     data_dir = argparse.ArgumentParser(add_help=False)
     data_dir.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
                           help="state directory (default ~/.local/share/devflow, or DEVFLOW_DATA_DIR)")
@@ -148,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--router-port", type=int, help="router port (default 8080)")
     up.add_argument("--domain", help="apps are served at <app>.<domain> (default localhost)")
     up.add_argument("--git-backend", choices=["auto", "cgit", "dulwich"], help="pack exchange (default auto)")
-    up.add_argument("--max-push-bytes", type=int, help="largest pack one push may send (0: no limit)")
     up.add_argument("--apps-dir", type=Path, help="builds and dependency caches (default DATA_DIR/apps)")
     up.add_argument("--extra-ca-certs", type=Path,
                     help="PEM file of CA certificates builds trust besides the system's (TLS-intercepting proxies)")
@@ -156,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "default: a uid of its own per app)")
     up.add_argument("--app-uid-base", type=int, help="first of the per-app uids (default 700000000)")
     up.add_argument("--max-concurrent-builds", type=int, help="builds at once over all apps (default 2)")
-    up.add_argument("--log-max-bytes", type=int, help="an app's log is rotated past this size (default 16 MiB)")
+    limits = up.add_argument_group("limits", "bounds on what users control; each also DEVFLOW_<NAME>")
+    for name, field in Limits.model_fields.items():
+        kind = int if field.annotation is int else float
+        limits.add_argument(f"--{name.replace('_', '-')}", type=kind,
+                            help=f"{field.description} (default {field.default})")
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     up.set_defaults(run=cmd_up)
 

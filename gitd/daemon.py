@@ -109,6 +109,7 @@ def keep_private(db: Path) -> None:
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.limits = settings.limits()
         # Any app user will do to check the apps directory is reachable: none of them owns its parents.
         probe = app_users(settings.app_user, lambda app: settings.app_uid_base)
         self.apps_root = settings.apps_root(lambda path: probe is None or probe("").can_search(str(path)))
@@ -131,14 +132,14 @@ class Daemon:
         self.apps = AppRegistry(sessions, Repositories(settings.repos_dir))
         self.backend = choose_backend(
             settings.git_backend,
-            PackLimits(hooks_dir=write_hooks(settings.data_dir / "hooks"), max_push_bytes=settings.max_push_bytes),
+            PackLimits(hooks_dir=write_hooks(settings.data_dir / "hooks"), max_push_bytes=self.limits.max_push_bytes),
         )
         self.receiver = PushReceiver()
         # A uid of its own under root, below the apps': not one any app runs as, so none can signal it.
         self.router = RouterProcess(settings.host, settings.router_port, settings.run_dir,
                                     settings.logs_dir / "router.log",
                                     uid=settings.app_uid_base - 1 if os.getuid() == 0 else None)
-        logs = ProcessLogs(settings.logs_dir, settings.log_max_bytes)
+        logs = ProcessLogs(settings.logs_dir, self.limits.log_max_bytes)
         scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups())
         self.rollout = Rollout(scheduler, self.router, logs)
         deploy_settings = DeploySettings(sessions)

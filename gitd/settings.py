@@ -9,13 +9,17 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.limits import Limits
+
 
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "devflow"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DEVFLOW_", extra="ignore")
+class Settings(BaseSettings, Limits):
+    """The limits (pipeline.limits) are settings too: `--max-config-bytes`, `DEVFLOW_MAX_CONFIG_BYTES`, ..."""
+
+    model_config = SettingsConfigDict(env_prefix="DEVFLOW_", extra="ignore", frozen=False)
 
     data_dir: Path = Field(default_factory=default_data_dir)
     host: str = "127.0.0.1"
@@ -26,8 +30,6 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # "auto" uses C git when it is installed, dulwich's pure-Python handlers otherwise.
     git_backend: str = "auto"
-    # Largest pack one push may send, in bytes; 0 means no limit.
-    max_push_bytes: int = Field(default=2 * 1024**3, ge=0)
     # PEM file of extra CA certificates builds trust (pip, npm, go), for TLS-intercepting proxies.
     extra_ca_certs: Path | None = None
     # Builds running at once, over all apps.
@@ -38,8 +40,6 @@ class Settings(BaseSettings):
     app_uid_base: int = Field(default=700_000_000, ge=1000, le=4_000_000_000)
     # Where builds and dependency caches live; they must be reachable by the app user.
     apps_dir: Path | None = None
-    # An app's log is rotated to app.log.1 past this size, so one app keeps at most twice it on disk.
-    log_max_bytes: int = Field(default=16 * 1024**2, ge=64 * 1024)
 
     @field_validator("extra_ca_certs")
     @classmethod
@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         if value not in ("auto", "cgit", "dulwich"):
             raise ValueError("git_backend must be auto, cgit or dulwich")
         return value
+
+    def limits(self) -> Limits:
+        return Limits(**{name: getattr(self, name) for name in Limits.model_fields})
 
     @property
     def repos_dir(self) -> Path:

@@ -1,0 +1,82 @@
+"""Every bound on a quantity a user controls, in one place; each one is a setting of `devflow up`.
+
+A user who goes over a limit gets a refusal that names it and the setting that raises it, and nothing
+is stored. `gitd.settings.Settings` inherits these fields, so each has a `--max-...` flag and a
+`DEVFLOW_MAX_...` environment variable; the composition root hands the one `Limits` to every part.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+# execve refuses one "KEY=value" string over MAX_ARG_STRLEN (32 pages) and the whole environment past about a
+# quarter of the stack limit (2 MiB by default); config vars stay well inside both, with room for the platform's.
+MAX_ARG_STRLEN = 128 * KiB
+CONFIG_BYTES_CEILING = 1 * MiB
+
+
+class LimitExceeded(ValueError):
+    """A request goes over a limit; the message names the limit and the setting that raises it."""
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    # pushes and builds
+    max_push_bytes: int = Field(2 * GiB, ge=0, description="largest pack one push may send, in bytes (0: no limit)")
+    max_app_bytes: int = Field(2 * GiB, ge=MiB, description="largest uncompressed tree a push may expand to, "
+                                                            "submodules included, in bytes")
+    max_app_files: int = Field(200_000, ge=100, description="most files and directories a pushed tree may hold")
+    max_disk_bytes: int = Field(8 * GiB, ge=64 * MiB, description="disk one app's builds and dependency caches "
+                                                                  "may use, in bytes")
+    max_submodules: int = Field(64, ge=0, description="most submodules one push may bring, nested ones included")
+    submodule_timeout: float = Field(600.0, gt=0, description="seconds one submodule fetch may take")
+    # what a push or a command describes
+    max_procfile_bytes: int = Field(64 * KiB, ge=KiB, description="largest Procfile, in bytes")
+    max_app_json_bytes: int = Field(256 * KiB, ge=KiB, description="largest app.json, in bytes")
+    max_process_types: int = Field(32, ge=1, description="most process types one app may declare")
+    max_replicas_per_type: int = Field(32, ge=1, description="most processes of one type (ps:scale, formation)")
+    max_replicas_per_app: int = Field(64, ge=1, description="most processes of one app, all types together")
+    max_config_vars: int = Field(500, ge=1, description="most config vars one app may have")
+    max_config_bytes: int = Field(64 * KiB, ge=KiB, le=CONFIG_BYTES_CEILING,
+                                  description="largest total size of one app's config vars (keys and values), "
+                                              "in bytes")
+    max_domains_per_app: int = Field(100, ge=1, description="most custom domains one app may have")
+    max_collaborators_per_app: int = Field(100, ge=1, description="most collaborators one app may have")
+    max_apps_per_user: int = Field(100, ge=1, description="most apps one user may own")
+    max_keys_per_user: int = Field(50, ge=1, description="most SSH keys one user may have")
+    max_tokens_per_user: int = Field(50, ge=1, description="most active HTTP tokens one user may have")
+    # the HTTP front door
+    max_request_head_bytes: int = Field(64 * KiB, ge=4 * KiB, description="largest HTTP request head the daemon "
+                                                                          "reads (431 past it), in bytes")
+    max_api_body_bytes: int = Field(1 * MiB, ge=4 * KiB, description="largest REST API request body, in bytes")
+    max_fetch_request_bytes: int = Field(128 * MiB, ge=MiB, description="largest (inflated) body of a fetch or "
+                                                                        "clone request over HTTP, in bytes")
+    request_head_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request head")
+    request_idle_timeout: float = Field(60.0, gt=0, description="seconds a client may pause while sending a "
+                                                                "request body")
+    # what one app keeps on disk
+    log_max_bytes: int = Field(16 * MiB, ge=64 * KiB, description="an app's log is rotated to app.log.1 past this "
+                                                                  "size, in bytes")
+
+    def refuse(self, name: str, what: str) -> LimitExceeded:
+        """`what` went over the limit `name`: the message says what the limit is and how to raise it."""
+        value = getattr(self, name)
+        flag = "--" + name.replace("_", "-")
+        return LimitExceeded(f"{what}: the limit is {_shown(name, value)} (an admin can raise it with "
+                             f"devflow up {flag})")
+
+
+def _shown(name: str, value: float) -> str:
+    if not name.endswith("_bytes"):
+        return f"{value:g}"
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if value >= size and value % size == 0:
+            return f"{value // size} {unit}"
+    return f"{value} bytes"
+
+
+def limit_fields() -> dict[str, str]:
+    """Each limit's name and what it bounds, for the CLI's flags and the README's table."""
+    return {name: field.description or "" for name, field in Limits.model_fields.items()}
