@@ -40,7 +40,7 @@ def _directory(args: argparse.Namespace):
     settings = _settings(args)
     # Private until `devflow up` opens it for traversal: the state database holds keys and tokens.
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return Directory(open_state(settings.state_url))
+    return Directory(open_state(settings.state_url), settings.limits())
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -42,7 +42,8 @@ from pipeline.app_uids import AppUids
 from pipeline.builders.native_impl import NativeBuilder
 from pipeline.config_vars import ConfigVars
 from pipeline.deploy_settings import DeploySettings
-from pipeline.deployments import Deployments, Platform
+from pipeline.deployments import Deployments
+from pipeline.release_env import Platform
 from pipeline.release_ledger import ReleaseLedger
 from receivers.deploys import DeployOnPush
 from receivers.push_receiver import PushReceiver
@@ -128,8 +129,8 @@ class Daemon:
         sessions = open_state(settings.state_url, PIPELINE_MIGRATIONS)
         uids = AppUids(sessions, settings.app_uid_base)
         users = app_users(settings.app_user, uids.uid_for)
-        self.directory = Directory(sessions)
-        self.apps = AppRegistry(sessions, Repositories(settings.repos_dir))
+        self.directory = Directory(sessions, self.limits)
+        self.apps = AppRegistry(sessions, Repositories(settings.repos_dir), self.limits)
         self.backend = choose_backend(
             settings.git_backend,
             PackLimits(hooks_dir=write_hooks(settings.data_dir / "hooks"), max_push_bytes=self.limits.max_push_bytes),
@@ -147,7 +148,7 @@ class Daemon:
             sessions, ReleaseLedger(sessions), ConfigVars(sessions), deploy_settings,
             NativeBuilder(settings.extra_ca_certs),
             self.rollout, scheduler, logs,
-            self.apps_root, Platform(settings.domain, settings.router_port), uids,
+            self.apps_root, Platform(settings.domain, settings.router_port), uids, self.limits,
             max_builds=settings.max_concurrent_builds,
         )
         self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, self.apps.readable_repository))

@@ -29,6 +29,8 @@ class BuildResult:
 class Sandbox(Protocol):
     """The unprivileged user an app's build tools run as (runtime.local.app_user.AppUser)."""
 
+    uid: int
+
     @property
     def preexec(self) -> Callable[[], None]:
         """Runs in each tool's process before exec: switches to the user."""
@@ -36,6 +38,10 @@ class Sandbox(Protocol):
 
     def hand_over(self, directory: Path) -> None:
         """Create `directory` if missing and give it (not its contents) to the user."""
+        ...
+
+    def hand_over_tree(self, directory: Path, only_from: int | None = None) -> None:
+        """Give a tree to the user (with `only_from`, only what that uid owns), never following a link."""
         ...
 
 

@@ -21,6 +21,8 @@ from runtime.process_logs import ProcessLogs
 SUPERVISOR = "runtime.local.supervisor"
 RESTART_REQUEST = "restart-requested"
 """In an instance's directory: the supervisor is to take the process's next exit as a restart asked for."""
+STARTUP_OUTPUT = "startup.log"
+"""In an instance's directory: the first lines its process printed, which explain a failed start."""
 RUN_ONCE_TIMEOUT = 3600.0  # release phase and deploy scripts, as Heroku allows
 
 def free_port() -> int:
@@ -58,6 +60,14 @@ class Instance:
 
     def withdraw_restart_request(self) -> None:
         (self.directory / RESTART_REQUEST).unlink(missing_ok=True)
+
+    def startup_output(self, lines: int) -> list[str]:
+        """The last `lines` of what the process printed first (bounded by the supervisor), named as in the log."""
+        try:
+            text = (self.directory / STARTUP_OUTPUT).read_text(errors="replace")
+        except OSError:
+            return []
+        return [f"{self.name} | {line}" for line in text.splitlines()[-lines:]]
 
     @property
     def cgroup(self) -> str:
@@ -114,6 +124,7 @@ class LocalScheduler:
             "name": instance.name, "command": command, "cwd": str(cwd), "env": env,
             "log": str(self.logs.path(app)), "log_max_bytes": self.logs.max_bytes,
             "status": str(directory / "status.json"), "restart_request": str(directory / RESTART_REQUEST),
+            "startup_output": str(directory / STARTUP_OUTPUT),
             "user": {"uid": user.uid, "gid": user.gid} if user else None,
             "rlimits": rlimits, "cgroup_procs": cgroup_procs, "limits": limits.as_dict(),
             "stop_timeout": self.stop_timeout,
