@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncssh
 import uvicorn
 
 from gitd import __version__
@@ -81,6 +82,12 @@ def hook_socket_path(settings: Settings) -> Path:
         # Someone else made it first: a socket there could answer our hooks. Use a fresh private one.
         short = Path(tempfile.mkdtemp(prefix="devflow-"))
     return short / "hooks.sock"
+
+
+def known_hosts_line(host: str, port: int, key: asyncssh.SSHKey) -> str:
+    """What OpenSSH writes to known_hosts once the user accepts this host key: `[host]:port type base64`."""
+    name = host if port == 22 else f"[{host}]:{port}"
+    return f"{name} {' '.join(key.export_public_key('openssh').decode().split()[:2])}"
 
 
 def cannot_listen(host: str, port: int, exc: OSError) -> SystemExit:
@@ -195,6 +202,7 @@ class Daemon:
         info = ServiceInfo(
             version=__version__, host=s.host, ssh_port=ssh_port, http_url=f"http://{s.host}:{http_port}",
             host_key_fingerprint=fingerprint_of(self.host_key), git_backend=self.backend.name,
+            known_hosts_line=known_hosts_line(s.host, ssh_port, self.host_key),
         )
         app = build_app(info, self.directory, self.git, self.management_for)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
@@ -208,6 +216,7 @@ class Daemon:
         print(
             f"DevFlow {__version__} serving\n"
             f"  SSH   ssh://git@{s.host}:{ssh_port}/APP.git  (host key {info.host_key_fingerprint})\n"
+            f"        ~/.ssh/known_hosts line: {info.known_hosts_line}\n"
             f"  HTTP  {info.http_url}  (smart git, /api, status page)\n"
             f"  apps  http://APP.{s.domain}:{self.router.port}  (router)\n"
             f"  data  {s.data_dir}  (git backend: {self.backend.name}; builds in {self.apps_root})",
