@@ -147,6 +147,7 @@ class Deployments:
         build_dir = self.workspace / app / "builds" / f"{deployment_id}"
         started = time.monotonic()
         try:
+            await asyncio.to_thread(self.scheduler.sandbox, app)  # a new app's uid is claimed here, off the loop
             notes = await asyncio.to_thread(export_tree, object_env, commit, build_dir, local_repo)
         except Exception as exc:
             if not isinstance(exc, DeployFailed):

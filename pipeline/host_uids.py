@@ -4,8 +4,11 @@ ever run anything as the same uid.
 One file per uid, named by it, in a directory only root can write (`--uids-dir`, /var/lib/devflow/uids). A claim
 links a complete record to the uid's name: link(2) fails when the name exists, so of two daemons claiming one
 uid exactly one gets it, no record is ever seen half-written, and there is no lock for a dead daemon to leave
-held. A record is never removed (a destroyed app's uid stays retired, as in the daemon's own table), so
-`grep . /var/lib/devflow/uids/*` tells an admin who holds what.
+held. A record's content reaches the disk before its name exists; the name itself may not survive a power cut
+that the daemon's table survives, and then the daemon claims the uid again at its next start or, if another
+daemon took it first, refuses to start, saying so: a uid is never silently shared. A record is never removed (a
+destroyed app's uid stays retired, as in the daemon's own table), so `grep . /var/lib/devflow/uids/*` tells an
+admin who holds what.
 """
 
 from __future__ import annotations
@@ -60,7 +63,10 @@ class HostUids:
         """Created if missing. Every directory on the way must be root's and writable by no one else (a sticky
         one like /tmp will do above it): whoever could swap it could show this daemon a record without the
         other daemons' uids. The one descriptor opened here is used from then on, never the path."""
-        return cls(directory, _open_root_only(directory), data_dir)
+        try:
+            return cls(directory, _open_root_only(directory), data_dir)
+        except OSError as exc:
+            raise HostUidsError(f"--uids-dir {directory}: cannot use it: {exc.strerror}") from None
 
     def close(self) -> None:
         os.close(self._fd)
@@ -72,14 +78,16 @@ class HostUids:
         """Claim `uid` for this daemon if nobody (this daemon included) holds it yet."""
         if not 0 < uid <= MAX_UID:
             raise ValueError(f"uid {uid} is out of range")
-        scratch = self._write_scratch(holder, uid)
         try:
-            os.link(scratch, str(uid), src_dir_fd=self._fd, dst_dir_fd=self._fd)
+            scratch = self._write_scratch(holder, uid)
+            try:
+                os.link(scratch, str(uid), src_dir_fd=self._fd, dst_dir_fd=self._fd)
+            finally:
+                os.unlink(scratch, dir_fd=self._fd)
         except FileExistsError:
             return False
-        finally:
-            os.unlink(scratch, dir_fd=self._fd)
-        os.fsync(self._fd)  # the claim is on disk before the daemon's database records the uid
+        except OSError as exc:
+            raise HostUidsError(f"cannot claim uid {uid} in {self.directory}: {exc.strerror}") from None
         return True
 
     def hold(self, uid: int, holder: str) -> Claim | None:
@@ -152,7 +160,7 @@ class HostUids:
         with open(fd, "w") as scratch:
             scratch.write(json.dumps(record) + "\n")
             scratch.flush()
-            os.fsync(scratch.fileno())
+            os.fsync(scratch.fileno())  # never an empty record after a power cut: it would hold a uid for nobody
         return name
 
 
