@@ -79,9 +79,9 @@ class AppUids:
             app, other = clashes[0]
             more = f", and {len(clashes) - 1} more of this daemon's uids are held elsewhere" if len(clashes) > 1 else ""
             raise UidClash(f"uid {other.uid}, which {_holder(app)} runs as, is held by {other.describe()} (record "
-                           f"{self.host.path(other.uid)}){more}: two apps sharing a uid can read each other's "
-                           "files. Start this daemon once with --reassign-uids to give each a uid of its own (their "
-                           "processes restart as it)")
+                           f"{self.host.path(other.uid)}){more}: whatever shares a uid can read the other's files "
+                           "and signal its processes. Start this daemon once with --reassign-uids to give each a uid "
+                           "of its own (their processes restart as it)")
         for app, other in clashes:
             self._reassign(app, other)
 
@@ -94,7 +94,10 @@ class AppUids:
             row.app = f"{RETIRED}{row.uid}"  # app names cannot start with "-": never looked up again
             uid = row.uid
         if self.host is not None:
-            self.host.relabel(uid, f"{_holder(app)} (destroyed)")
+            try:
+                self.host.relabel(uid, f"{_holder(app)} (destroyed)")
+            except HostUidsError as exc:  # the record still says which daemon holds the uid: all that matters
+                log.warning("%s is destroyed, but its uid's record still names it: %s", _holder(app), exc)
 
     @property
     def _host(self) -> HostUids:

@@ -47,7 +47,7 @@ class Claim:
     since: str = ""
 
     def describe(self) -> str:
-        return f"{self.holder} of the DevFlow at {self.data_dir}"
+        return f"{self.holder} of the DevFlow at {self.data_dir}" if self.data_dir else self.holder
 
 
 class HostUids:
@@ -124,9 +124,13 @@ class HostUids:
     def relabel(self, uid: int, holder: str) -> None:
         """Say what now holds a uid this daemon holds (an app was destroyed); the claim itself stays."""
         claim = self.claim_of(uid)
-        if claim is not None and claim.data_dir == self.data_dir:
+        if claim is None or claim.data_dir != self.data_dir:
+            return
+        try:
             os.rename(self._write_scratch(holder, uid, claim.since), str(uid),
                       src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        except OSError as exc:
+            raise HostUidsError(f"cannot relabel uid {uid} in {self.directory}: {exc.strerror}") from None
 
     def claim_of(self, uid: int) -> Claim | None:
         try:
@@ -134,14 +138,14 @@ class HostUids:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            return Claim(uid, "an unknown data dir", f"an unreadable record ({exc.strerror})")
+            return Claim(uid, "", f"an unreadable record ({exc.strerror})")
         with open(fd, "rb") as record:
             text = record.read(RECORD_BYTES)
         try:
             fields = json.loads(text)
             return Claim(uid, str(fields["data_dir"]), str(fields["holder"]), str(fields.get("since", "")))
         except (ValueError, KeyError, TypeError):
-            return Claim(uid, "an unknown data dir", "an unreadable record")
+            return Claim(uid, "", "an unreadable record")
 
     def _recorded(self, uid: int) -> bool:
         try:

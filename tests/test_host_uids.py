@@ -153,8 +153,8 @@ def test_a_table_naming_a_uid_another_daemon_holds_is_refused_or_reassigned(tabl
         b.claim_recorded(reassign=False)
     assert str(refused.value) == (
         f"uid {taken}, which app shop runs as, is held by app web of the DevFlow at {tmp_path / 'a'} (record "
-        f"{directory / str(taken)}): two apps sharing a uid can read each other's files. Start this daemon once "
-        "with --reassign-uids to give each a uid of its own (their processes restart as it)")
+        f"{directory / str(taken)}): whatever shares a uid can read the other's files and signal its processes. "
+        "Start this daemon once with --reassign-uids to give each a uid of its own (their processes restart as it)")
     assert b.uid_for("shop") == taken  # nothing changed
 
     with caplog.at_level(logging.WARNING, logger="pipeline.app_uids"):
@@ -259,8 +259,8 @@ def test_a_daemon_whose_table_names_a_uid_another_holds_refuses_to_start(first, 
         last = c.log.read_text().splitlines()[-1]
         assert last.startswith(f"devflow: uid {BASE}, which the router runs as, is held by the router of the "
                                f"DevFlow at {a.data} (record {record / BASE}), and 1 more of this daemon's uids are "
-                               "held elsewhere: two apps sharing a uid can read each other's files. Start this "
-                               "daemon once with --reassign-uids")
+                               "held elsewhere: whatever shares a uid can read the other's files and signal its "
+                               "processes. Start this daemon once with --reassign-uids")
         assert get(c, "shop").text == "stdlib v1"  # the refused start changed nothing: the app still serves
 
         c.extra_args = (*c.extra_args, "--reassign-uids")
