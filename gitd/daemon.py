@@ -44,6 +44,7 @@ from pipeline.builders.native_impl import NativeBuilder
 from pipeline.config_vars import ConfigVars
 from pipeline.deploy_settings import DeploySettings
 from pipeline.deployments import Deployments
+from pipeline.host_uids import HostUids, HostUidsError
 from pipeline.release_env import Platform
 from pipeline.release_ledger import ReleaseLedger
 from receivers.deploys import DeployOnPush
@@ -134,7 +135,14 @@ class Daemon:
             private.chmod(0o700)
         self.apps_root.chmod(0o711)
         sessions = open_state(settings.state_url, PIPELINE_MIGRATIONS)
-        uids = AppUids(sessions, settings.app_uid_base)
+        # Under root every app and the router run as a uid no other DevFlow on this host has.
+        try:
+            host_uids = HostUids.open(settings.uids_dir, settings.data_dir) if os.getuid() == 0 else None
+            uids = AppUids(sessions, settings.app_uid_base, host_uids)
+            uids.claim_recorded(settings.reassign_uids)
+            router_uid = uids.router_uid()
+        except HostUidsError as exc:
+            raise SystemExit(f"devflow: {exc}") from None
         users = app_users(settings.app_user, uids.uid_for)
         self.directory = Directory(sessions, self.limits)
         self.apps = AppRegistry(sessions, Repositories(settings.repos_dir), self.limits)
@@ -143,10 +151,9 @@ class Daemon:
             PackLimits(hooks_dir=write_hooks(settings.data_dir / "hooks"), max_push_bytes=self.limits.max_push_bytes),
         )
         self.receiver = PushReceiver()
-        # A uid of its own under root, below the apps': not one any app runs as, so none can signal it.
+        # A uid of its own under root, not one any app runs as, so none can signal it.
         self.router = RouterProcess(settings.host, settings.router_port, settings.run_dir,
-                                    settings.logs_dir / "router.log",
-                                    uid=settings.app_uid_base - 1 if os.getuid() == 0 else None)
+                                    settings.logs_dir / "router.log", uid=router_uid)
         logs = ProcessLogs(settings.logs_dir, self.limits.log_max_bytes)
         scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups())
         self.rollout = Rollout(scheduler, self.router, logs)

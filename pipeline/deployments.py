@@ -177,14 +177,16 @@ class Deployments:
                 timings["detect"] = round(time.monotonic() - t, 3)
                 t = time.monotonic()
                 await enter("build", "building")
-                sandbox = self.scheduler.sandbox(app)
+                # A new app's uid is allocated here (host-wide, with an fsync): in a thread, as every lookup.
+                sandbox = await asyncio.to_thread(self.scheduler.sandbox, app)
                 if sandbox is not None:
                     await asyncio.to_thread(self.workspace.adopt_trees, app, sandbox)
                     await asyncio.to_thread(sandbox.hand_over_tree, build_dir)
                 cache = self.workspace.cache(app)
+                base_env = await asyncio.to_thread(self.scheduler.base_env, app)
                 async with self._builds:
                     result = await self.builder.build(build_dir, detection, cache,
-                                                      {**self.scheduler.base_env(app), "HOME": str(cache / "home")},
+                                                      {**base_env, "HOME": str(cache / "home")},
                                                       lambda line: emit(f"       {line}"), sandbox)
                 timings["build"] = round(time.monotonic() - t, 3)
                 processes = dict(result.processes)
@@ -236,8 +238,8 @@ class Deployments:
         leaves the ledger, the router and the processes as they were."""
         latest = await asyncio.to_thread(self.ledger.latest, app)
         version = (latest.version if latest else 0) + 1
-        env = process_env(self.scheduler.base_env(app), self.platform, app, version, build.artifact,
-                          build.build_env, config, build.app_json)
+        env = process_env(await asyncio.to_thread(self.scheduler.base_env, app), self.platform, app, version,
+                          build.artifact, build.build_env, config, build.app_json)
         cwd = Path(build.artifact)
         t = time.monotonic()
         await enter("release", "releasing")
@@ -280,7 +282,7 @@ class Deployments:
         """A new release of an existing build. Caller holds the app lock."""
         if not await asyncio.to_thread(Path(source.artifact).is_dir):
             raise PipelineInputError(f"the build of v{source.version} is no longer on disk; push again to rebuild")
-        await asyncio.to_thread(self.workspace.adopt_trees, app, self.scheduler.sandbox(app))
+        await self._adopt_trees(app)
 
         def emit(line: str) -> None:
             say(line)
@@ -345,9 +347,9 @@ class Deployments:
 
     async def _restart(self, app: str, latest: ReleaseRecord, say: Say,
                        formation_override: Mapping[str, int] | None = None) -> None:
-        await asyncio.to_thread(self.workspace.adopt_trees, app, self.scheduler.sandbox(app))
-        env = process_env(self.scheduler.base_env(app), self.platform, app, latest.version, latest.artifact,
-                          latest.build_env, latest.config, latest.app_json)
+        await self._adopt_trees(app)
+        env = process_env(await asyncio.to_thread(self.scheduler.base_env, app), self.platform, app,
+                          latest.version, latest.artifact, latest.build_env, latest.config, latest.app_json)
         spec = await asyncio.to_thread(self._spec, app, latest.version, Path(latest.artifact), latest.processes,
                                        env, latest.app_json, formation_override)
         try:
@@ -396,7 +398,8 @@ class Deployments:
                 continue
             # Processes running as another user than the app's now are restarted, not adopted: its files change
             # hands before the new processes start.
-            owner_changed = await asyncio.to_thread(self.workspace.owner_changed, app, self.scheduler.sandbox(app))
+            sandbox = await asyncio.to_thread(self.scheduler.sandbox, app)
+            owner_changed = await asyncio.to_thread(self.workspace.owner_changed, app, sandbox)
             if not owner_changed and await self.rollout.adopt(app, latest.version, hostnames,
                                                               checks(latest.app_json)):
                 log.info("re-adopted the running processes of %s v%s", app, latest.version)
@@ -416,6 +419,10 @@ class Deployments:
         self._newest_push.pop(app, None)
 
     # helpers
+
+    async def _adopt_trees(self, app: str) -> None:
+        sandbox = await asyncio.to_thread(self.scheduler.sandbox, app)
+        await asyncio.to_thread(self.workspace.adopt_trees, app, sandbox)
 
     def _spec(self, app: str, version: int, cwd: Path, processes: dict[str, str], env: dict[str, str],
               app_json: dict, formation_override: Mapping[str, int] | None) -> ReleaseSpec:
