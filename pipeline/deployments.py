@@ -28,7 +28,16 @@ from pipeline.deployment_records import DeploymentRecords
 from pipeline.detect import DetectError, detect
 from pipeline.errors import DeployFailed, PipelineInputError
 from pipeline.limits import Limits
-from pipeline.release_env import Platform, app_json_record, check_scale, checks, formation, process_env
+from pipeline.release_env import (
+    Platform,
+    app_json_record,
+    check_environment,
+    check_formation,
+    check_scale,
+    checks,
+    formation,
+    process_env,
+)
 from pipeline.release_ledger import ReleaseLedger, ReleaseRecord
 from pipeline.tree_export import LocalRepo, export_tree
 from runtime.local.scheduler import LocalScheduler
@@ -240,6 +249,7 @@ class Deployments:
         version = (latest.version if latest else 0) + 1
         env = process_env(await asyncio.to_thread(self.scheduler.base_env, app), self.platform, app, version,
                           build.artifact, build.build_env, config, build.app_json)
+        check_environment(env)
         cwd = Path(build.artifact)
         t = time.monotonic()
         await enter("release", "releasing")
@@ -428,6 +438,7 @@ class Deployments:
               app_json: dict, formation_override: Mapping[str, int] | None) -> ReleaseSpec:
         """From a thread: it reads the app's settings."""
         counts = formation_override or formation(processes, app_json, self.settings.formation(app))
+        check_formation(counts, self.limits)
         return ReleaseSpec(app=app, version=version, cwd=cwd, processes=processes, env=env, formation=counts,
                            hostnames=self.hostnames(app), healthchecks=checks(app_json),
                            limits=self.settings.resources(app))

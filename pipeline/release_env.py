@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from pipeline.app_json import AppJson
 from pipeline.errors import PipelineInputError
-from pipeline.limits import Limits
+from pipeline.limits import CONFIG_BYTES_CEILING, MAX_ARG_STRLEN, Limits
 from runtime.health import Check
 
 
@@ -32,6 +32,31 @@ def process_env(base: Mapping[str, str], platform: Platform, app: str, version: 
     return env
 
 
+def check_environment(env: Mapping[str, str]) -> None:
+    """What execve will take: each KEY=value under Linux's bound for one string, all of them well inside its
+    bound for the whole (config vars are bounded on their own; app.json's env defaults and the build's
+    variables join them here)."""
+    total = 0
+    for key, value in env.items():
+        size = len(key.encode()) + len(value.encode()) + 2
+        if size > MAX_ARG_STRLEN:
+            raise PipelineInputError(f"the environment variable {key} would take {size} bytes; one variable can "
+                                     f"hold at most {MAX_ARG_STRLEN // 1024} KiB")
+        total += size
+    if total > 2 * CONFIG_BYTES_CEILING:
+        raise PipelineInputError(f"the processes' environment would take {total} bytes, more than a process can "
+                                 "be started with; app.json's env holds most of it")
+
+
+def check_formation(counts: Mapping[str, int], limits: Limits) -> None:
+    """A release's formation (app.json's, then ps:scale's) within the limits per type and per app."""
+    for kind, count in counts.items():
+        if count > limits.max_replicas_per_type:
+            raise limits.refuse("max_replicas_per_type", f"{kind}={count}")
+    if sum(counts.values()) > limits.max_replicas_per_app:
+        raise limits.refuse("max_replicas_per_app", f"{sum(counts.values())} processes in all")
+
+
 def formation(processes: Mapping[str, str], app_json: Mapping, scaled: Mapping[str, int]) -> dict[str, int]:
     """One web process by default, app.json's formation over that, `ps:scale` over both; only declared types."""
     counts = {kind: 1 if kind == "web" else 0 for kind in processes}
@@ -48,12 +73,7 @@ def check_scale(counts: Mapping[str, int], processes: Mapping[str, str], current
         have = ", ".join(sorted(processes)) or "none"
         raise PipelineInputError(f"the live release has no {', '.join(unknown)} process type "
                                  f"(its process types: {have})")
-    for kind, count in counts.items():
-        if count > limits.max_replicas_per_type:
-            raise limits.refuse("max_replicas_per_type", f"{kind}={count}")
-    total = sum({**current, **counts}.values())
-    if total > limits.max_replicas_per_app:
-        raise limits.refuse("max_replicas_per_app", f"{total} processes in all")
+    check_formation({**current, **counts}, limits)
 
 
 def checks(app_json: Mapping) -> dict[str, list[Check]]:

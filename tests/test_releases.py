@@ -215,3 +215,11 @@ def test_apps_per_user_and_collaborators_per_app_are_bounded(tmp_path: Path) -> 
         assert d.ssh("collaborators:add", "m1", "helper", "write", key=maker).returncode == 0  # a change, not one more
     finally:
         stop_daemon(d)
+
+
+def test_a_pushed_formation_past_the_limits_is_refused(live: Daemon) -> None:
+    formation = {"formation": {"web": {"quantity": 2}, "worker": {"quantity": 3}}}
+    repo = app_repo(live, "bigform", "workers", files={"app.json": json.dumps(formation)})
+    result = push(live, repo, "bigform", check=False)
+    assert result.returncode != 0 and "5 processes in all" in result.stderr and "--max-replicas-per-app" in result.stderr
+    assert live.api().get("apps/bigform/processes").json() == []
