@@ -145,9 +145,9 @@ class Daemon:
         deploy_settings = DeploySettings(sessions)
         self.deployments = Deployments(
             sessions, ReleaseLedger(sessions), ConfigVars(sessions), deploy_settings,
-            NativeBuilder(settings.extra_ca_certs),
+            NativeBuilder(settings.extra_ca_certs, limits=self.limits),
             self.rollout, scheduler, logs,
-            self.apps_root, Platform(settings.domain, settings.router_port), uids,
+            self.apps_root, Platform(settings.domain, settings.router_port), uids, self.limits,
             max_builds=settings.max_concurrent_builds,
         )
         self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, self.apps.readable_repository))

@@ -26,6 +26,7 @@ from pipeline.config_vars import ConfigVars
 from pipeline.deploy_settings import DeploySettings
 from pipeline.detect import DetectError, detect
 from pipeline.errors import DeployFailed, PipelineInputError
+from pipeline.limits import Limits
 from pipeline.release_ledger import ReleaseLedger, ReleaseRecord
 from pipeline.schema import Deployment
 from pipeline.tree_export import LocalRepo, export_tree
@@ -62,8 +63,8 @@ class Platform:
 class Deployments:
     def __init__(self, sessions: sessionmaker, ledger: ReleaseLedger, config_vars: ConfigVars,
                  settings: DeploySettings, builder: Builder, rollout: Rollout, scheduler: LocalScheduler,
-                 logs: ProcessLogs, workspace: Path, platform: Platform, uids: AppUids, max_builds: int = 2,
-                 ) -> None:
+                 logs: ProcessLogs, workspace: Path, platform: Platform, uids: AppUids, limits: Limits,
+                 max_builds: int = 2) -> None:
         self.sessions = sessions
         self.ledger = ledger
         self.config_vars = config_vars
@@ -75,6 +76,7 @@ class Deployments:
         self.workspace = workspace
         self.platform = platform
         self.uids = uids
+        self.limits = limits
         self._builds = asyncio.Semaphore(max_builds)
         self._locks: dict[str, asyncio.Lock] = {}
         self._newest_push: dict[str, int] = {}
@@ -200,7 +202,7 @@ class Deployments:
                                  finished_at=now())
                     raise DeployFailed("queued", "superseded by a newer push")
                 t = enter("detect", "building")
-                detection = await asyncio.to_thread(detect, build_dir)
+                detection = await asyncio.to_thread(detect, build_dir, self.limits)
                 for note in detection.notes:
                     emit(f"-----> {note}")
                 timings["detect"] = round(time.monotonic() - t, 3)
@@ -210,9 +212,11 @@ class Deployments:
                 if sandbox is not None:
                     await self._adopt_trees(app)
                     await asyncio.to_thread(sandbox.hand_over_tree, build_dir)
+                # As on Heroku, the build sees the app's config vars (Django's collectstatic needs its settings).
+                build_env = {**await asyncio.to_thread(self.config_vars.get_all, app), **self.scheduler.base_env(app),
+                             "HOME": str(cache / "home")}
                 async with self._builds:
-                    result = await self.builder.build(build_dir, detection, cache,
-                                                      {**self.scheduler.base_env(app), "HOME": str(cache / "home")},
+                    result = await self.builder.build(build_dir, detection, cache, build_env,
                                                       lambda line: emit(f"       {line}"), sandbox)
                 timings["build"] = round(time.monotonic() - t, 3)
                 processes = dict(result.processes)

@@ -25,9 +25,11 @@ import pytest
 from conftest import free_port
 from pipeline.builders import BuildError, BuildResult
 from pipeline.builders.native_impl import NativeBuilder, _python_web, _reads_source
-from pipeline.detect import detect
+from pipeline.detect import Detection, detect
+from pipeline.limits import Limits
 
 APPS = Path(__file__).parent / "apps"
+LIMITS = Limits()
 BASE_ENV = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8"}
 STEP_TIMEOUT = 600.0
 HOST_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -50,16 +52,17 @@ def build(src: Path, cache: Path, builder: NativeBuilder | None = None,
           env: dict[str, str] | None = None) -> tuple[BuildResult, list[str]]:
     lines: list[str] = []
     builder = builder or NativeBuilder(step_timeout=STEP_TIMEOUT)
-    result = asyncio.run(builder.build(src, detect(src), cache, env or BASE_ENV, lines.append))
+    result = asyncio.run(builder.build(src, detect(src, LIMITS), cache, env or BASE_ENV, lines.append))
     return result, lines
 
 
 def build_error(src: Path, cache: Path, builder: NativeBuilder | None = None,
-                env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+                env: dict[str, str] | None = None, detection: Detection | None = None) -> tuple[str, list[str]]:
+    """The build's error; `detection` when the tree changed since it was detected (as app code can change it)."""
     lines: list[str] = []
     builder = builder or NativeBuilder(step_timeout=STEP_TIMEOUT)
     with pytest.raises(BuildError) as error:
-        asyncio.run(builder.build(src, detect(src), cache, env or BASE_ENV, lines.append))
+        asyncio.run(builder.build(src, detection or detect(src, LIMITS), cache, env or BASE_ENV, lines.append))
     return str(error.value), lines
 
 
@@ -186,8 +189,12 @@ def test_python_version_file_picks_the_interpreter(tmp_path):
     assert version == HOST_PYTHON
     (src / ".python-version").write_text("3.4\n")
     message, _ = build_error(src, tmp_path / "cache")
-    assert message.startswith("Python 3.4 is requested by the app but not installed on the build host (found: ")
-    assert "install it (e.g. pyenv install 3.4) or change .python-version" in message
+    assert message.startswith("Python 3.4 is requested by .python-version but not installed on the build host. "
+                              "The versions the app can use: ")
+    assert HOST_PYTHON + "." in message
+    assert message.endswith("To use 3.4, have an admin install it where every user can read it (pyenv with "
+                            "PYENV_ROOT under /opt or /usr/local, or the distribution's package), or change "
+                            ".python-version")
 
 
 def test_pyproject_without_dependencies_needs_no_install_and_no_gunicorn_means_a_procfile(tmp_path):
@@ -227,9 +234,12 @@ def test_a_tool_that_cannot_be_run_fails_the_build_with_why(tmp_path):
 
 
 def test_default_web_process_needs_one_obvious_wsgi_app(tmp_path):
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "gunicorn").touch()
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "gunicorn").touch()
+
+    def web(src: Path) -> tuple[str | None, str]:
+        return _python_web(src, tmp_path, "venv", 1000)
+
     cases = {
         "flask": ({"app.py": "from flask import Flask\napp = Flask(__name__)\n"}, "gunicorn app:app"),
         "wsgi-application": ({"wsgi.py": "from mysite.web import application\n"}, "gunicorn wsgi:application"),
@@ -241,12 +251,11 @@ def test_default_web_process_needs_one_obvious_wsgi_app(tmp_path):
         "two": ({"app.py": "app = 1\n", "wsgi.py": "application = 2\n"}, None),
     }
     for name, (files, command) in cases.items():
-        web, why = _python_web(write(tmp_path / name, files), venv)
-        assert web == (f"{command} --bind 0.0.0.0:$PORT" if command else None), name
+        command_found, why = web(write(tmp_path / name, files))
+        assert command_found == (f"{command} --bind 0.0.0.0:$PORT" if command else None), name
         assert bool(why) == (command is None), name
-    assert "several modules could be the web app (wsgi:application, app:app)" in _python_web(tmp_path / "two", venv)[1]
-    assert "no wsgi.py/app.py/main.py/application.py defines a WSGI `app`" in \
-           _python_web(tmp_path / "fastapi-is-not-wsgi", venv)[1]
+    assert "several modules could be the web app (wsgi:application, app:app)" in web(tmp_path / "two")[1]
+    assert "no wsgi.py/app.py/main.py/application.py defines a WSGI `app`" in web(tmp_path / "fastapi-is-not-wsgi")[1]
 
 
 def test_requirements_that_read_the_app_tree_are_not_cached(tmp_path):
@@ -254,7 +263,7 @@ def test_requirements_that_read_the_app_tree_are_not_cached(tmp_path):
              "--find-links https://x/simple\npkg\n": False, "flask==3 # ./not-a-path\n": False,
              "-r base.txt\n": False}
     for text, reads in cases.items():
-        assert _reads_source(write(tmp_path, {"requirements.txt": text}) / "requirements.txt") is reads, text
+        assert _reads_source(text) is reads, text
 
 
 # Node
@@ -305,7 +314,7 @@ def test_concurrent_builds_install_once(tmp_path):
     async def both() -> list[list[str]]:
         logs: list[list[str]] = [[], []]
         builder = NativeBuilder(step_timeout=STEP_TIMEOUT)
-        await asyncio.gather(*(builder.build(src, detect(src), tmp_path / "cache", BASE_ENV, logs[i].append)
+        await asyncio.gather(*(builder.build(src, detect(src, LIMITS), tmp_path / "cache", BASE_ENV, logs[i].append)
                                for i, src in enumerate([copy_app("node", tmp_path / f"v{i}") for i in range(2)])))
         return logs
 
@@ -336,7 +345,7 @@ def test_missing_start_script_and_node_assets_before_python(tmp_path):
 
     write(src, {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, "Procfile": "web: python3 -m http.server $PORT\n"})
     result, lines = build(src, tmp_path / "cache")
-    assert detect(src).stacks == ("node", "python")
+    assert detect(src, LIMITS).stacks == ("node", "python")
     assert commands(lines)[0] == "$ npm run build" and " -m venv " in commands(lines)[1]
     assert (src / "static.css").read_text() == "body{}"
     path = result.env["PATH"].split(os.pathsep)
@@ -359,7 +368,8 @@ def test_tool_output_is_streamed_while_the_tool_runs(tmp_path):
         if line == "first line":
             (src / "go-on").touch()
 
-    asyncio.run(NativeBuilder(step_timeout=STEP_TIMEOUT).build(src, detect(src), tmp_path / "cache", BASE_ENV, log))
+    builder = NativeBuilder(step_timeout=STEP_TIMEOUT)
+    asyncio.run(builder.build(src, detect(src, LIMITS), tmp_path / "cache", BASE_ENV, log))
     assert lines.index("first line") < lines.index("second line")
 
 
@@ -425,9 +435,14 @@ def test_static_marker_can_name_the_directory_to_serve(tmp_path):
     assert message.startswith(".static names '../elsewhere', which is not a directory inside the app")
 
 
-def test_dockerfile_only_app_is_not_for_the_native_builder(tmp_path):
-    message, _ = build_error(write(tmp_path / "app", {"Dockerfile": "FROM scratch\n"}), tmp_path / "cache")
-    assert message.startswith("No Procfile, and nothing the native builder can build")
+def test_a_dockerfile_is_said_to_need_container_mode(tmp_path):
+    message, lines = build_error(write(tmp_path / "app", {"Dockerfile": "FROM scratch\n"}), tmp_path / "cache")
+    assert message.startswith("Dockerfile found, but this DevFlow runs apps natively (container mode comes with the "
+                              "Docker runtime), and there is nothing else to build: add a Procfile")
+    src = write(tmp_path / "both", {"Dockerfile": "FROM scratch\n", "Procfile": "web: python3 -m http.server\n"})
+    _, lines = build(src, tmp_path / "cache")
+    assert lines[0] == ("Dockerfile found, but this DevFlow runs apps natively (container mode comes with the Docker "
+                        "runtime); building with the native builder from the other files instead")
 
 
 def test_a_lockfile_linked_out_of_the_app_is_not_copied_into_the_cache(tmp_path):
@@ -437,10 +452,11 @@ def test_a_lockfile_linked_out_of_the_app_is_not_copied_into_the_cache(tmp_path)
     outside.mkdir()
     (outside / "secret").write_text('{"lockfileVersion": 3, "secret": "root only"}')
     src = copy_app("node", tmp_path / "linked")
+    detection = detect(src, LIMITS)
     (src / "package-lock.json").unlink()
     (src / "package-lock.json").symlink_to(outside / "secret")
-    message, _ = build_error(src, tmp_path / "cache")
-    assert "package-lock.json" in message and "symbolic link" in message
+    message, _ = build_error(src, tmp_path / "cache", detection=detection)
+    assert message == "package-lock.json is a symbolic link that leads outside the app"
     copied = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "root only" in p.read_text(errors="ignore")]
     assert not copied
 
