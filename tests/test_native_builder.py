@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,9 +25,11 @@ import pytest
 
 from conftest import free_port
 from pipeline.builders import BuildError, BuildResult
-from pipeline.builders.native_impl import NativeBuilder, _python_web, _reads_source
+from pipeline.builders.failure_excerpt import failure_excerpt
+from pipeline.builders.native_impl import NativeBuilder, _go_executable_name, _python_web, _reads_source
 from pipeline.detect import Detection, detect
 from pipeline.limits import Limits
+from runtime.local.app_user import AppUser
 
 APPS = Path(__file__).parent / "apps"
 LIMITS = Limits()
@@ -470,3 +473,106 @@ def test_a_link_planted_over_the_static_server_is_refused(tmp_path):
     message, _ = build_error(src, tmp_path / "cache")
     assert "symbolic link" in message
     assert victim.read_text() == "precious"
+
+
+# what real apps need: Go program names, Django's collectstatic, versions the app's user can run
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs go on the build host")
+def test_go_programs_are_named_after_their_import_paths_as_on_heroku(tmp_path):
+    cache = tmp_path / "cache"
+    result, lines = build(copy_app("go", tmp_path / "root"), cache)
+    assert result.processes == {"web": "bin/devflow-fixture-go"}  # the module path's last element
+    assert "Built bin/devflow-fixture-go (from .)" in lines
+    with serve(tmp_path / "root", result) as client:
+        assert client.get("/").text == "go v1"
+
+    src = copy_app("go-cmd", tmp_path / "cmd")
+    result, lines = build(src, cache)
+    assert "Built bin/web (from ./cmd/web), bin/worker (from ./cmd/worker)" in lines  # not the /v2 library
+    assert result.processes == {"web": "bin/web", "worker": "bin/worker"}
+    with serve(src, result) as client:
+        assert client.get("/").text == "go-cmd v1"
+    (src / "Procfile").unlink()
+    message, _ = build_error(src, cache)
+    assert message == ("No Procfile, and several Go programs were built, none from the module's root package: add "
+                       "a Procfile with a web: line, e.g. 'web: bin/web'")
+
+
+def test_go_executable_names_follow_go_build():
+    assert [_go_executable_name(p) for p in ("example.com/shop", "example.com/shop/cmd/web", "example.com/tool/v2",
+                                             "example.com/tool/cmd/v3", "v2", "example.com/v0")] == \
+        ["shop", "web", "tool", "cmd", "v2", "v0"]
+
+
+def test_django_gets_collectstatic_with_the_apps_config_or_heros_advice(tmp_path):
+    """Django comes from PyPI; the three builds share one environment."""
+    cache = tmp_path / "cache"
+    config = {**BASE_ENV, "DJANGO_SECRET_KEY": "from-config"}
+    src = copy_app("django", tmp_path / "v1")
+    result, lines = build(src, cache, env=config)
+    assert "$ python manage.py collectstatic --noinput --traceback" in lines
+    assert (src / "staticfiles" / "admin" / "css" / "base.css").is_file()
+    assert result.processes["web"].startswith("python -m django runserver")
+
+    src = copy_app("django", tmp_path / "v2")
+    _, lines = build(src, cache, env={**config, "DISABLE_COLLECTSTATIC": "1"})
+    assert "Skipping Django's collectstatic: DISABLE_COLLECTSTATIC is set" in lines
+    assert not (src / "staticfiles").exists()
+
+    message, _ = build_error(copy_app("django", tmp_path / "v3"), cache)  # no DJANGO_SECRET_KEY
+    excerpt = message.splitlines()
+    assert excerpt[0] == "`python manage.py collectstatic --noinput --traceback` failed with exit status 1:"
+    assert excerpt[1] == "Traceback (most recent call last):"
+    assert excerpt[-2] == "KeyError: 'DJANGO_SECRET_KEY'"
+    assert excerpt[-1].startswith("Error while running `python manage.py collectstatic --noinput` (see the traceback "
+                                  "above). Fix the app's static files settings, or skip this step: config:set <app> "
+                                  "DISABLE_COLLECTSTATIC=1")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="builds run as another user only under root")
+def test_a_python_the_apps_user_cannot_run_is_named_as_such(tmp_path, monkeypatch):
+    """A pyenv under a directory private to root: there for root, out of reach for the app's uid."""
+    reachable = Path(tempfile.mkdtemp(prefix="devflow-test-build-"))
+    try:
+        reachable.chmod(0o711)
+        private = tmp_path / "root-pyenv"
+        (private / "versions" / "3.99.1" / "bin").mkdir(parents=True)
+        (private / "versions" / "3.99.1" / "bin" / "python3.99").symlink_to(sys.executable)
+        monkeypatch.setenv("PYENV_ROOT", str(private))
+        src = write(reachable / "app", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, ".python-version": "3.99\n",
+                                        "Procfile": "web: python3 app.py\n"})
+        user = AppUser.numbered(700_999_001)
+        user.hand_over_tree(src)
+        lines: list[str] = []
+        with pytest.raises(BuildError) as error:
+            asyncio.run(NativeBuilder(step_timeout=STEP_TIMEOUT).build(
+                src, detect(src, LIMITS), reachable / "cache", BASE_ENV, lines.append, user))
+        message = str(error.value)
+        assert message.startswith("Python 3.99.1 is installed on the build host, but where the app's user cannot "
+                                  "run it (builds run as the app's own user; root's pyenv, say, is private to root). "
+                                  "The versions the app can use: ")
+        assert str(private) not in message and "3.99.1, " not in message
+    finally:
+        shutil.rmtree(reachable)
+
+
+def test_failure_excerpts_keep_the_lines_that_explain():
+    npm = ["npm notice New minor version of npm available!", "", "> app@1.0.0 build", "> node build.js", "",
+           "/app/build.js:1", 'throw new Error("the build broke")', "^", "", "Error: the build broke",
+           "    at Object.<anonymous> (/app/build.js:1:7)", "    at Module._compile (node:internal:1)", "",
+           "Node.js v20.20.2", "npm warn deprecated x@1", "npm error code 1", "npm error path /app",
+           "npm error command failed", "npm error A complete log of this run can be found in: /root/.npm/x.log"]
+    assert failure_excerpt(npm) == ["Error: the build broke", "    at Object.<anonymous> (/app/build.js:1:7)",
+                                    "npm error code 1", "npm error path /app", "npm error command failed"]
+    go = ["go: downloading example.com/x v1.0.0", "# example.com/app", "./main.go:9:2: undefined: greting",
+          "./main.go:12:5: missing return"]
+    assert failure_excerpt(go) == ["./main.go:9:2: undefined: greting", "./main.go:12:5: missing return"]
+    python = ["Collecting flask", "Traceback (most recent call last):", '  File "/x/setup.py", line 3, in <module>',
+              "    import numpy", '  File "/x/numpy.py", line 1, in <module>', "    raise ImportError('no')",
+              "ImportError: no", "note: This error originates from a subprocess"]
+    assert failure_excerpt(python) == ["Traceback (most recent call last):", '  File "/x/numpy.py", line 1, in '
+                                       "<module>", "    raise ImportError('no')", "ImportError: no"]
+    assert failure_excerpt([f"line {i}" for i in range(50)]) == [f"line {i}" for i in range(42, 50)]
+    many = failure_excerpt([f"ERROR: {i}" for i in range(100)])
+    assert len(many) == 20 and many[-1] == "... and 81 more lines in the build log"

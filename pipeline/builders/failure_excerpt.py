@@ -31,12 +31,12 @@ def failure_excerpt(lines: Sequence[str]) -> list[str]:
     for index, line in enumerate(lines):
         if _NOISE.match(line):
             continue
-        if _TOOL_ERROR.match(line) or _GO_ERROR.match(line):
-            picked.add(index)
-        elif _EXCEPTION.match(line) and not line.startswith(" "):
+        if _EXCEPTION.match(line) and not line.startswith(" "):
             picked.add(index)
             if index + 1 < len(lines) and _JS_FRAME.match(lines[index + 1]):
                 picked.add(index + 1)  # where it was thrown
+        elif _TOOL_ERROR.match(line) or _GO_ERROR.match(line):
+            picked.add(index)
     chosen = [lines[i] for i in sorted(picked)] or lines[-LAST_LINES:]
     if len(chosen) > MAX_LINES:  # the first lines are the cause more often than the last
         chosen = [*chosen[: MAX_LINES - 1], f"... and {len(chosen) - MAX_LINES + 1} more lines in the build log"]

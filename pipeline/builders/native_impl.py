@@ -387,11 +387,11 @@ class NativeBuilder:
             return _PythonInstall("poetry", "pyproject.toml and poetry.lock", (pyproject, read("poetry.lock")),
                                   ("poetry", "install", "--only", "main", "--no-root", "--no-interaction", "--no-ansi"))
         if manager == "pipenv":
-            if not owned.is_file(src, "Pipfile.lock"):
+            if not owned.exists(src, "Pipfile.lock"):
                 raise BuildError("Pipfile found without Pipfile.lock: run `pipenv lock` and commit Pipfile.lock")
             return _PythonInstall("pipenv", "Pipfile and Pipfile.lock", (read("Pipfile", True), read("Pipfile.lock")),
                                   ("pipenv", "install", "--deploy"))
-        if owned.is_file(src, "requirements.txt"):
+        if owned.exists(src, "requirements.txt"):
             texts, outside = _requirement_files(src, self.limits.max_manifest_bytes)
             return _PythonInstall("pip", "requirements.txt", tuple(t.encode() for t in texts),
                                   ("pip", "install", "-r", "requirements.txt"),
@@ -480,7 +480,9 @@ class NativeBuilder:
         text = owned.read_text(src, "package.json", bound, setting="max_manifest_bytes")
         if text is None:
             raise BuildError("package.json is gone: it was there when the push was detected")
-        lockfile = next((name for name, m in NODE_LOCKFILES if m == manager and owned.is_file(src, name)), None)
+        # Whatever is there is read (and refused unless a plain file): a lockfile turned into a FIFO is no reason
+        # to install without one.
+        lockfile = next((name for name, m in NODE_LOCKFILES if m == manager and owned.exists(src, name)), None)
         files = []
         for name in (lockfile, *NODE_RC_FILES):
             data = owned.read_file(src, name, bound, setting="max_manifest_bytes") if name else None
@@ -594,9 +596,9 @@ def _requirement_files(src: Path, budget: int) -> tuple[list[str], bool]:
         try:
             data = owned.read_file(src, current, left)
         except owned.FileTooLarge:
-            raise owned.FileTooLarge(f"requirements.txt and the files it includes are larger than "
-                                     f"{byte_size(budget)} in all (an admin can raise the limit with devflow up "
-                                     "--max-manifest-bytes)") from None
+            what = "requirements.txt is" if not texts else "requirements.txt and the files it includes are"
+            raise owned.FileTooLarge(f"{what} larger than {byte_size(budget)}{' in all' if texts else ''} (an admin "
+                                     "can raise the limit with devflow up --max-manifest-bytes)") from None
         if data is None:
             continue
         left -= len(data)
