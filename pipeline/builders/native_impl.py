@@ -339,7 +339,7 @@ class NativeBuilder:
         and the error says that it is there but out of the app's reach."""
         wanted, version_file = detection.python_version, detection.python_version_file or ".python-version"
         minor = ".".join(wanted.split(".")[:2]) if wanted else ""
-        pyenv = await asyncio.to_thread(_pyenv_versions)
+        pyenv, on_path = await asyncio.to_thread(_host_pythons, minor)
         candidates = [tools.which(f"python{minor}")] if minor else []
         candidates += [executable for name, executable in pyenv if name == minor or name.startswith(f"{minor}.")]
         candidates.append(tools.which("python3"))
@@ -353,7 +353,6 @@ class NativeBuilder:
                                           + [executable for _, executable in pyenv], cache, tools)
             have = ", ".join(sorted(set(usable.values()) | set(found.values()), key=_version_key)) or "none"
             unreachable = [name for name, _ in pyenv if name == minor or name.startswith(f"{minor}.")]
-            on_path = shutil.which(f"python{minor}", path=os.environ.get("PATH", os.defpath))
             unreachable += [minor] if on_path and not unreachable and on_path not in usable else []
             how = INSTALL_PYTHON.format(file=version_file)
             if unreachable:
@@ -555,7 +554,7 @@ class NativeBuilder:
         if python is None:
             raise BuildError("python3 is not installed on the build host; static sites are served with it")
         target = ".devflow/static_server.py"
-        await asyncio.to_thread(owned.write_file, src, target, Path(static_server.__file__).read_bytes())
+        await asyncio.to_thread(_copy_static_server, src, target)
         server = shlex.join([python, "-I", str(src / target), root])
         return _Layer(web=server)
 
@@ -565,6 +564,10 @@ def _default_processes(layers: list[_Layer]) -> dict[str, str]:
     if layers[-1].web is None:
         raise BuildError(layers[-1].no_web)
     return {"web": layers[-1].web}
+
+
+def _copy_static_server(src: Path, target: str) -> None:
+    owned.write_file(src, target, Path(static_server.__file__).read_bytes())
 
 
 def _write_files(base: Path, directory: str, files: list[tuple[str, bytes]]) -> None:
@@ -728,21 +731,23 @@ def _static_root(src: Path) -> str:
     return root
 
 
-def _pyenv_versions() -> list[tuple[str, str]]:
-    """(version, executable) of each pyenv Python the daemon's environment names (PYENV_ROOT, else ~/.pyenv);
-    the host's, not the app's: an app's config cannot point the daemon at a directory of its choosing."""
+def _host_pythons(minor: str) -> tuple[list[tuple[str, str]], str | None]:
+    """What the daemon sees installed, whether the app's user can run it or not: (version, executable) of each
+    pyenv Python (PYENV_ROOT, else ~/.pyenv), and python<minor> on the daemon's PATH. From the daemon's own
+    environment, not the app's: an app's config cannot point the daemon at a directory of its choosing."""
+    on_path = shutil.which(f"python{minor}", path=os.environ.get("PATH", os.defpath)) if minor else None
     versions = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
     try:
         with os.scandir(versions) as entries:
             names = [entry.name for _, entry in zip(range(1000), entries, strict=False)]
     except OSError:
-        return []
+        return [], on_path
     found = []
     for name in sorted(names, key=_version_key, reverse=True):
         match = re.match(r"^(\d+)\.(\d+)", name)
         if match:
             found.append((name, str(versions / name / "bin" / f"python{match[1]}.{match[2]}")))
-    return found
+    return found, on_path
 
 
 async def _probe_pythons(candidates: list[str | None], cache: Path, tools: _Tools) -> dict[str, str]:
