@@ -20,6 +20,8 @@ MARKER_FILE_BYTES = 4 * KiB
 SCANNED_SOURCE_BYTES = 1 * MiB
 # JSON the daemon parses (app.json, package.json) nests a handful of levels; the parser recurses, so bound it.
 MAX_JSON_DEPTH = 64
+# requirements.txt files included with -r/-c that the daemon reads for the cache key; beyond, pip alone reads them.
+MAX_REQUIREMENT_FILES = 100
 
 
 class LimitExceeded(ValueError):

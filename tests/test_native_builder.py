@@ -26,7 +26,14 @@ import pytest
 from conftest import free_port
 from pipeline.builders import BuildError, BuildResult
 from pipeline.builders.failure_excerpt import failure_excerpt
-from pipeline.builders.native_impl import NativeBuilder, _go_executable_name, _python_web, _reads_source
+from pipeline.app_owned_files import FileTooLarge
+from pipeline.builders.native_impl import (
+    NativeBuilder,
+    _go_executable_name,
+    _python_web,
+    _reads_source,
+    _requirement_files,
+)
 from pipeline.detect import Detection, detect
 from pipeline.limits import Limits
 from runtime.local.app_user import AppUser
@@ -576,3 +583,24 @@ def test_failure_excerpts_keep_the_lines_that_explain():
     assert failure_excerpt([f"line {i}" for i in range(50)]) == [f"line {i}" for i in range(42, 50)]
     many = failure_excerpt([f"ERROR: {i}" for i in range(100)])
     assert len(many) == 20 and many[-1] == "... and 81 more lines in the build log"
+
+
+def test_requirement_includes_are_read_inside_the_app_only(tmp_path):
+    src = write(tmp_path / "app", {"requirements.txt": "-r reqs/base.txt\n", "reqs/base.txt": "-c ../pins.txt\nsix\n",
+                                   "pins.txt": "six==1.16.0\n", "loop.txt": "-r loop.txt\n"})
+    texts, uncached = _requirement_files(src, 1024)
+    assert texts == ["-r reqs/base.txt\n", "-c ../pins.txt\nsix\n", "six==1.16.0\n"] and not uncached
+    for include in ("/etc/passwd", "../../outside.txt", "https://example.com/reqs.txt"):
+        (src / "requirements.txt").write_text(f"-r {include}\n")
+        assert _requirement_files(src, 1024) == ([f"-r {include}\n"], True), include  # pip's to read, not root's
+    (src / "requirements.txt").write_text("-r loop.txt\n")
+    assert _requirement_files(src, 1024)[1] is False
+    (src / "requirements.txt").write_text("-r reqs/base.txt\n" + "x" * 1000)
+    with pytest.raises(FileTooLarge, match=r"^requirements.txt and the files it includes are larger than 1 KiB in all"):
+        _requirement_files(src, 1024)
+    (src / "chain").mkdir()
+    for i in range(150):
+        (src / "chain" / f"{i}.txt").write_text(f"-r {i + 1}.txt\n")
+    (src / "requirements.txt").write_text("-r chain/0.txt\n")
+    texts, uncached = _requirement_files(src, 1024**2)
+    assert len(texts) == 100 and uncached  # past the includes followed, the environment is not cached

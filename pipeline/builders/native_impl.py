@@ -36,7 +36,7 @@ from pipeline import static_server
 from pipeline.builders import BuildError, BuildResult, Sandbox
 from pipeline.builders.failure_excerpt import failure_excerpt
 from pipeline.detect import NODE_LOCKFILES, DetectError, Detection, parse_package_json, parse_pyproject
-from pipeline.limits import MARKER_FILE_BYTES, SCANNED_SOURCE_BYTES, Limits, byte_size
+from pipeline.limits import MARKER_FILE_BYTES, MAX_REQUIREMENT_FILES, SCANNED_SOURCE_BYTES, Limits, byte_size
 
 Log = Callable[[str], None]
 
@@ -61,8 +61,6 @@ FAILURE_TAIL_LINES = 200
 # App config vars reach the build, as on Heroku, except those that would break the build tools (Heroku's
 # buildpacks keep the same out); PATH is the platform's.
 BUILD_ENV_IGNORED = {"GIT_DIR", "CPATH", "CPPATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "LIBRARY_PATH", "PYTHONHOME"}
-# Past this many -r/-c includes, requirements are not followed further (pip's own bound is its recursion).
-MAX_REQUIREMENT_FILES = 100
 # Python versions looked for on the PATH when listing what an app can use.
 PYTHON_MINORS = tuple(f"3.{minor}" for minor in range(6, 30))
 INSTALL_PYTHON = ("have an admin install it where every user can read it (pyenv with PYENV_ROOT under /opt "
@@ -391,10 +389,10 @@ class NativeBuilder:
             return _PythonInstall("pipenv", "Pipfile and Pipfile.lock", (read("Pipfile", True), read("Pipfile.lock")),
                                   ("pipenv", "install", "--deploy"))
         if owned.exists(src, "requirements.txt"):
-            texts, outside = _requirement_files(src, self.limits.max_manifest_bytes)
+            texts, uncached = _requirement_files(src, self.limits.max_manifest_bytes)
             return _PythonInstall("pip", "requirements.txt", tuple(t.encode() for t in texts),
                                   ("pip", "install", "-r", "requirements.txt"),
-                                  reads_source=outside or any(_reads_source(t) for t in texts))
+                                  reads_source=uncached or any(_reads_source(t) for t in texts))
         project = parse_pyproject(pyproject.decode("utf-8", "replace")).get("project", {})
         if "dependencies" in project.get("dynamic", []) or "name" not in project:
             return _PythonInstall("pip", "pyproject.toml", (pyproject,), ("pip", "install", "."), reads_source=True)
@@ -584,17 +582,20 @@ async def _remove(base: Path, relative: str, tools: _Tools) -> None:
 
 def _requirement_files(src: Path, budget: int) -> tuple[list[str], bool]:
     """requirements.txt and every file it includes with -r/-c, which together decide the environment, and
-    whether one is outside the app (a URL, an absolute path): then the environment is not cacheable.
-    All of them together are bounded by `budget` bytes."""
+    whether something else does (a URL, a file outside the app, more includes than are followed): then the
+    environment is not cacheable. All of them together are bounded by `budget` bytes."""
     texts: list[str] = []
     seen: set[str] = set()
     queue = ["requirements.txt"]
-    outside = False
+    uncached = False
     left = budget
-    while queue and len(seen) < MAX_REQUIREMENT_FILES:
+    while queue:
         current = queue.pop()
         if current in seen:
             continue
+        if len(seen) == MAX_REQUIREMENT_FILES:
+            uncached = True
+            break
         seen.add(current)
         try:
             data = owned.read_file(src, current, left)
@@ -610,12 +611,12 @@ def _requirement_files(src: Path, budget: int) -> tuple[list[str], bool]:
         for line in _requirement_lines(text):
             match = re.match(r"^(?:-r|-c|--requirement|--constraint)(?:\s*=\s*|\s+)(\S+)", line)
             if match:
-                included = match[1]
-                if "://" in included or os.path.isabs(included):
-                    outside = True
+                included = os.path.normpath(PurePosixPath(current).parent / match[1])
+                if "://" in match[1] or os.path.isabs(included) or included.startswith(".."):
+                    uncached = True  # pip reads it, as the app's user; the daemon does not
                 else:
-                    queue.append(str(PurePosixPath(current).parent / included))
-    return texts, outside
+                    queue.append(included)
+    return texts, uncached
 
 
 def _requirement_lines(text: str) -> list[str]:
