@@ -160,7 +160,7 @@ class Daemon:
         deploy_settings = DeploySettings(sessions)
         self.deployments = Deployments(
             sessions, ReleaseLedger(sessions), ConfigVars(sessions), deploy_settings,
-            NativeBuilder(settings.extra_ca_certs),
+            NativeBuilder(settings.extra_ca_certs, limits=self.limits),
             self.rollout, scheduler, logs,
             self.apps_root, Platform(settings.domain, settings.router_port), uids, self.limits,
             max_builds=settings.max_concurrent_builds,

@@ -16,6 +16,14 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 # quarter of the stack limit (2 MiB by default); config vars stay well inside both, with room for the platform's.
 MAX_ARG_STRLEN = 128 * KiB
 CONFIG_BYTES_CEILING = 1 * MiB
+# Files the daemon reads in a pushed tree whose size no setting needs: a version or a directory name on one line
+# (.python-version, runtime.txt, .static), and a module scanned for a WSGI app (larger ones are not scanned).
+MARKER_FILE_BYTES = 4 * KiB
+SCANNED_SOURCE_BYTES = 1 * MiB
+# JSON the daemon parses (app.json, package.json) nests a handful of levels; the parser recurses, so bound it.
+MAX_JSON_DEPTH = 64
+# requirements.txt files included with -r/-c that the daemon reads for the cache key; beyond, pip alone reads them.
+MAX_REQUIREMENT_FILES = 100
 
 
 class LimitExceeded(PipelineInputError):
@@ -37,6 +45,9 @@ class Limits(BaseModel):
     # what a push or a command describes
     max_procfile_bytes: int = Field(64 * KiB, ge=KiB, description="largest Procfile, in bytes")
     max_app_json_bytes: int = Field(256 * KiB, ge=KiB, description="largest app.json, in bytes")
+    max_manifest_bytes: int = Field(64 * MiB, ge=MiB, description="largest dependency manifest or lockfile a build "
+                                                                  "reads (package-lock.json, requirements.txt with "
+                                                                  "what it includes, go.mod...), in bytes")
     max_process_types: int = Field(32, ge=1, description="most process types one app may declare")
     max_replicas_per_type: int = Field(32, ge=1, description="most processes of one type (ps:scale, formation)")
     max_replicas_per_app: int = Field(64, ge=1, description="most processes of one app, all types together")
@@ -71,8 +82,11 @@ class Limits(BaseModel):
 
 
 def _shown(name: str, value: float) -> str:
-    if not name.endswith("_bytes"):
-        return f"{value:g}"
+    return byte_size(int(value)) if name.endswith("_bytes") else f"{value:g}"
+
+
+def byte_size(value: int) -> str:
+    """A size as people write it: 64 KiB, 2 GiB, 1000 bytes."""
     for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if value >= size and value % size == 0:
             return f"{value // size} {unit}"
