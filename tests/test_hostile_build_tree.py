@@ -139,7 +139,7 @@ def test_a_hostile_file_the_builder_reads_fails_the_push_clearly(scene: Scene, n
     assert result.returncode != 0
     size = "4 KiB" if name == ".static" else "64 MiB"  # a marker file's bound, or max_manifest_bytes
     assert REFUSAL[kind].format(name=name, size=size) in result.stderr, result.stderr
-    assert "the live release keeps serving" in result.stderr
+    assert "the live release v1 keeps serving" in result.stderr
     assert app_get(scene.daemon, "/") == before  # the previous release still answers
     cache = scene.daemon.apps_dir / APP / "cache"
     assert not [p for p in cache.rglob("*") if p.is_file() and b"TOPSECRET" in p.read_bytes()[:1 << 20]]
