@@ -3,8 +3,9 @@
 httptools hands a header to the protocol only once it is complete, gluing its pieces together one read
 at a time (quadratic in the header's size), so a head is bounded by feeding the parser at most
 max_request_head_bytes without progress (the head completing, body bytes, the message ending): past
-that the client gets 431 and the rest is never read. The same count bounds what else the parser holds
-on to within a body: chunk framing and trailer fields.
+that the client gets 431 and the rest is never read. (A head that begins inside a piece, right after
+the previous request, is counted from the next piece on: at most one limit more.) The same count bounds
+what else the parser holds on to within a body: chunk framing and trailer fields.
 
 Timers only ever wait on the client: request_head_timeout for a whole head (from the moment the
 connection is ready for one), request_idle_timeout for a pause within a body and for a client that

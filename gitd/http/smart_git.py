@@ -48,15 +48,24 @@ class PackResponse:
         self.app = app
         self.service = service
         self.body = body
+        self.hung_up = False
 
-    async def _fed(self, pack: PackProcess, receive: Receive) -> AsyncIterator[bytes]:
+    async def _feed(self, pack: PackProcess, receive: Receive) -> None:
+        """The body to the program; once it is in, a client that hangs up stops the program."""
+        await pack.feed(self._body(pack, receive))
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.hung_up = True
+        pack.kill()
+
+    async def _body(self, pack: PackProcess, receive: Receive) -> AsyncIterator[bytes]:
         if self.body is None:
             return
         try:
             async for chunk in self.body.chunks(receive):
                 yield chunk
         except DevflowError:
-            pack.kill()  # before the program sees the input end and answers it
+            pack.kill()  # before the program sees its input end and answers that
             raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -84,7 +93,7 @@ class PackResponse:
                 await send({"type": "http.response.body", "more_body": True,
                             "body": pkt_line(f"# service=git-{self.service}\n") + b"0000"})
             # The request body streams in while the answer streams out: large pushes never sit in memory.
-            feeder = asyncio.create_task(pack.feed(self._fed(pack, receive)))
+            feeder = asyncio.create_task(self._feed(pack, receive))
             try:
                 async for chunk in pack.output():
                     await start()
@@ -100,9 +109,10 @@ class PackResponse:
                                         headers={"Connection": "close"})(scope, receive, send)
                 return
             # The answer has begun, so its status cannot change: it ends short and git reports that.
-        elif isinstance(fed, BaseException) and not isinstance(fed, asyncio.CancelledError):
-            raise fed
-        elif code != 0:
+        elif isinstance(fed, Exception):
+            # Writing to a program that has exited and closed its input (uvloop raises RuntimeError there).
+            log.info("feeding git %s for %s stopped: %r", self.service, self.app, fed)
+        if code != 0 and not self.hung_up and not isinstance(fed, DevflowError):
             log.warning("git %s for %s exited %s: %s", self.service, self.app, code,
                         b"".join(stderr).decode(errors="replace").strip()[-500:])
         await start()
