@@ -1,11 +1,12 @@
 """uvicorn's httptools protocol with the bounds an anonymous client must not get past.
 
 httptools hands a header to the protocol only once it is complete, gluing its pieces together one read
-at a time (quadratic in the header's size), so a head is bounded by feeding the parser at most
+at a time (quadratic in the header's size). So the parser is fed a piece at a time, and at most
 max_request_head_bytes without progress (the head completing, body bytes, the message ending): past
-that the client gets 431 and the rest is never read. (A head that begins inside a piece, right after
-the previous request, is counted from the next piece on: at most one limit more.) The same count bounds
-what else the parser holds on to within a body: chunk framing and trailer fields.
+that the client gets 431 and the rest is never read. A head that begins inside a piece, right after
+the previous request, is counted from the next piece on (httptools does not say where it began), so
+it may reach twice the limit. The same count bounds what else the parser holds on to within a body:
+chunk framing and trailer fields.
 
 Timers only ever wait on the client: request_head_timeout for a whole head (from the moment the
 connection is ready for one), request_idle_timeout for a pause within a body and for a client that
@@ -20,8 +21,8 @@ import logging
 from typing import Any
 
 import httptools
-from uvicorn.config import Config
 from uvicorn._types import ASGI3Application
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
@@ -56,7 +57,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_http_connections:
-            self._refuse(503, self.limits.refuse("max_http_connections", "too many open connections; try again"))
+            busy = self.limits.refuse("max_http_connections", "too many open connections, try again shortly")
+            self._refuse(503, busy)
             return
         self._arm_head_timer()
 
@@ -170,6 +172,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_late(self) -> None:
         self._head_timer = None
+        if self.transport.is_closing():
+            return
         if not self._head_begun:  # nothing sent: an idle connection, closed without a word
             self.transport.close()
             return

@@ -102,17 +102,18 @@ class PackResponse:
             finally:
                 feeder.cancel()
                 (fed,) = await asyncio.gather(feeder, return_exceptions=True)
-        if isinstance(fed, DevflowError):
+        refused = isinstance(fed, DevflowError)
+        if refused:
             log.info("git %s request for %s refused: %s", self.service, self.app, fed.message)
             if not started:
                 await PlainTextResponse(fed.message + "\n", status_code=fed.status,
                                         headers={"Connection": "close"})(scope, receive, send)
                 return
-            # The answer has begun, so its status cannot change: it ends short and git reports that.
+            # The answer has begun, so its status cannot change: the pack stream ends short, which git reports.
         elif isinstance(fed, Exception):
             # Writing to a program that has exited and closed its input (uvloop raises RuntimeError there).
             log.info("feeding git %s for %s stopped: %r", self.service, self.app, fed)
-        if code != 0 and not self.hung_up and not isinstance(fed, DevflowError):
+        if code != 0 and not (refused or self.hung_up):
             log.warning("git %s for %s exited %s: %s", self.service, self.app, code,
                         b"".join(stderr).decode(errors="replace").strip()[-500:])
         await start()
