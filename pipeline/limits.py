@@ -66,9 +66,15 @@ class Limits(BaseModel):
     max_api_body_bytes: int = Field(1 * MiB, ge=4 * KiB, description="largest REST API request body, in bytes")
     max_fetch_request_bytes: int = Field(128 * MiB, ge=MiB, description="largest (inflated) body of a fetch or "
                                                                         "clone request over HTTP, in bytes")
+    max_request_headers: int = Field(100, ge=16, description="most header fields in one HTTP request (431 past "
+                                                             "it)")
+    max_pipelined_requests: int = Field(16, ge=1, description="most HTTP requests a client may send ahead of the "
+                                                              "answers on one connection (the connection closes "
+                                                              "past it)")
+    max_http_connections: int = Field(256, ge=1, description="most HTTP connections open at once (503 past it)")
     request_head_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request head")
     request_idle_timeout: float = Field(60.0, gt=0, description="seconds a client may pause while sending a "
-                                                                "request body")
+                                                                "request body or reading an answer")
     # what one app keeps on disk
     log_max_bytes: int = Field(16 * MiB, ge=64 * KiB, description="an app's log is rotated to app.log.1 past this "
                                                                   "size, in bytes")
@@ -82,6 +88,8 @@ class Limits(BaseModel):
 
 
 def _shown(name: str, value: float) -> str:
+    if name.endswith("_timeout"):
+        return f"{value:g} seconds"
     return byte_size(int(value)) if name.endswith("_bytes") else f"{value:g}"
 
 
