@@ -100,7 +100,3 @@ def byte_size(value: int) -> str:
             return f"{value // size} {unit}"
     return f"{value} bytes"
 
-
-def limit_fields() -> dict[str, str]:
-    """Each limit's name and what it bounds, for the CLI's flags and the README's table."""
-    return {name: field.description or "" for name, field in Limits.model_fields.items()}

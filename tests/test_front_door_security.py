@@ -305,7 +305,7 @@ def test_push_to_create_makes_the_pusher_owner(cgit_daemon: Daemon) -> None:
     push = d.git("push", f"{d.ssh_url}/created-by-push.git", BRANCH, cwd=src, key=key)
     assert "created-by-push received 1 ref update(s) from creator" in push.stderr
     info = json.loads(d.ssh("apps:info", "created-by-push", "--json", key=key).stdout)
-    assert info["owner"] == "creator" and info["role"] == "admin"
+    assert info["owner"] == "creator" and info["role"] == "owner"
     assert d.ssh("apps:set", "created-by-push", "protected-branches", BRANCH, key=key).returncode == 0
     assert_push_still_works(d, "created-by-push")
 
