@@ -8,6 +8,7 @@ import functools
 import hashlib
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -245,7 +246,18 @@ class Daemon:
         print("DevFlow stopped", flush=True)
 
 
+def open_files_as_allowed() -> None:
+    """Every HTTP and SSH connection, pack exchange and log costs descriptors: take what the hard limit allows
+    (max_http_connections bounds the HTTP side), not the 1024 a login shell hands down."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def serve(settings: Settings) -> None:
+    open_files_as_allowed()
+
     async def main() -> None:
         daemon = Daemon(settings)
         try:

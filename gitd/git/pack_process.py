@@ -52,6 +52,10 @@ class PackProcess:
                 await stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             log.debug("pack program stopped reading its input")
+        except RuntimeError:
+            if not stdin.is_closing():
+                raise
+            log.debug("pack program exited before reading all its input")  # uvloop's word for a closed pipe
         finally:
             if not stdin.is_closing():
                 stdin.close()
