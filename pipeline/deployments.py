@@ -8,6 +8,7 @@ global semaphore bounds concurrent builds. Whatever fails, the live release keep
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
 import time
@@ -21,14 +22,17 @@ from sqlalchemy.orm import sessionmaker
 
 from pipeline.app_json import AppJson
 from pipeline.app_uids import AppUids
-from pipeline.builders import Builder, BuildError
+from pipeline.builders import Builder, BuildError, BuildResult
 from pipeline.config_vars import ConfigVars
 from pipeline.deploy_settings import DeploySettings
 from pipeline.detect import DetectError, detect
+from pipeline.disk_usage import shown_size, within_disk_limit
 from pipeline.errors import DeployFailed, PipelineInputError
+from pipeline.limits import Limits
 from pipeline.release_ledger import ReleaseLedger, ReleaseRecord
 from pipeline.schema import Deployment
-from pipeline.tree_export import LocalRepo, export_tree
+from pipeline.remotes import RemoteResolver
+from pipeline.tree_export import ExportedTree, TreeExporter
 from runtime.health import Check
 from runtime.local.app_user import nobody_uid
 from runtime.local.scheduler import LocalScheduler
@@ -62,8 +66,8 @@ class Platform:
 class Deployments:
     def __init__(self, sessions: sessionmaker, ledger: ReleaseLedger, config_vars: ConfigVars,
                  settings: DeploySettings, builder: Builder, rollout: Rollout, scheduler: LocalScheduler,
-                 logs: ProcessLogs, workspace: Path, platform: Platform, uids: AppUids, max_builds: int = 2,
-                 ) -> None:
+                 logs: ProcessLogs, workspace: Path, platform: Platform, uids: AppUids, limits: Limits,
+                 max_builds: int = 2) -> None:
         self.sessions = sessions
         self.ledger = ledger
         self.config_vars = config_vars
@@ -75,7 +79,9 @@ class Deployments:
         self.workspace = workspace
         self.platform = platform
         self.uids = uids
+        self.limits = limits
         self._builds = asyncio.Semaphore(max_builds)
+        self.exporter = TreeExporter(limits, max_builds)
         self._locks: dict[str, asyncio.Lock] = {}
         self._newest_push: dict[str, int] = {}
         self._background: set[asyncio.Task] = set()
@@ -140,14 +146,17 @@ class Deployments:
     # pushes
 
     async def deploy_push(self, app: str, commit: str, user: str, object_env: dict[str, str], say: Say,
-                          detach: bool = False, local_repo: LocalRepo = lambda url: None) -> None:
-        """Deploy a pushed commit; raises DeployFailed. With detach, returns once queued."""
+                          detach: bool = False, *, remotes: RemoteResolver) -> None:
+        """Deploy a pushed commit; raises DeployFailed. With detach, returns once queued. `remotes` resolves
+        the URLs of its submodules, for the pusher."""
         deployment_id = await asyncio.to_thread(self._create, app, commit, user)
         say(f"-----> Deployment #{deployment_id} of {app} at {commit[:12]}")
         build_dir = self.workspace / app / "builds" / f"{deployment_id}"
         started = time.monotonic()
         try:
-            notes = await asyncio.to_thread(export_tree, object_env, commit, build_dir, local_repo)
+            exported = await self.exporter.export(
+                app, commit, object_env, app_dir=self.workspace / app, target=build_dir, remotes=remotes,
+                sandbox=self.scheduler.sandbox(app), env=self.scheduler.base_env(app))
         except Exception as exc:
             if not isinstance(exc, DeployFailed):
                 log.exception("exporting %s of %s failed", commit[:12], app)
@@ -156,33 +165,41 @@ class Deployments:
             await asyncio.to_thread(self._update, deployment_id, state="failed", stage="export", error=exc.message,
                                     finished_at=now())
             raise exc from None
-        for note in notes:
+        for note in exported.notes:
             say(f"-----> {note}")
         self._newest_push[app] = deployment_id  # only an exported push may supersede a queued one
         timings = {"export": round(time.monotonic() - started, 3)}
         if detach:
-            task = asyncio.create_task(self._run_detached(app, deployment_id, commit, user, build_dir, timings))
+            task = asyncio.create_task(self._run_detached(app, deployment_id, commit, user, exported, timings))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             say(f"-----> Queued; follow it with: logs {app} -f")
             return
-        await self._run_push(app, deployment_id, commit, user, build_dir, timings, say)
+        await self._run_push(app, deployment_id, commit, user, exported, timings, say)
 
-    async def _run_detached(self, app: str, deployment_id: int, commit: str, user: str, build_dir: Path,
+    async def _run_detached(self, app: str, deployment_id: int, commit: str, user: str, exported: ExportedTree,
                             timings: dict) -> None:
         try:
-            await self._run_push(app, deployment_id, commit, user, build_dir, timings, lambda line: None)
+            await self._run_push(app, deployment_id, commit, user, exported, timings, lambda line: None)
         except DeployFailed as exc:
             log.info("detached deployment #%s of %s failed: %s", deployment_id, app, exc)
 
-    async def _run_push(self, app: str, deployment_id: int, commit: str, user: str, build_dir: Path,
+    async def _run_push(self, app: str, deployment_id: int, commit: str, user: str, exported: ExportedTree,
                         timings: dict, say: Say) -> None:
-        log_file = self._log_path(app, deployment_id).open("a")
+        build_dir = exported.root
+        log_file = None
+        log_failure: OSError | None = None  # a full disk: the deployment fails, saying so, after its stage
 
         def emit(line: str) -> None:
+            nonlocal log_file, log_failure
             say(line)
-            log_file.write(line + "\n")
-            log_file.flush()
+            if log_failure is None:
+                try:
+                    log_file = log_file or self._log_path(app, deployment_id).open("a")
+                    log_file.write(line + "\n")
+                    log_file.flush()
+                except OSError as exc:
+                    log_failure = exc
             self.logs.write(app, "build", line)
 
         stage = "queued"
@@ -210,10 +227,23 @@ class Deployments:
                 if sandbox is not None:
                     await self._adopt_trees(app)
                     await asyncio.to_thread(sandbox.hand_over_tree, build_dir)
+
+                async def build() -> BuildResult:
+                    await exported.check_out()  # network submodules, as the app's user, into its tree
+                    await exported.discard()
+                    return await self.builder.build(build_dir, detection, cache,
+                                                    {**self.scheduler.base_env(app), "HOME": str(cache / "home")},
+                                                    lambda line: emit(f"       {line}"), sandbox)
+
+                def over_disk(used: int) -> DeployFailed:
+                    return DeployFailed("build", str(self.limits.refuse(
+                        "max_disk_bytes", f"the builds and caches of {app} take {shown_size(used)}")))
+
                 async with self._builds:
-                    result = await self.builder.build(build_dir, detection, cache,
-                                                      {**self.scheduler.base_env(app), "HOME": str(cache / "home")},
-                                                      lambda line: emit(f"       {line}"), sandbox)
+                    result = await within_disk_limit(self.workspace / app, self.limits.max_disk_bytes, build(),
+                                                     over_disk)
+                if log_failure is not None:
+                    raise log_failure
                 timings["build"] = round(time.monotonic() - t, 3)
                 processes = dict(result.processes)
                 release_command = processes.pop("release", None)
@@ -231,7 +261,9 @@ class Deployments:
         except Exception as exc:
             failed_stage = getattr(exc, "stage", stage)
             message = getattr(exc, "message", str(exc))
-            if not isinstance(exc, (DetectError, BuildError, PipelineInputError, DeployFailed, RolloutFailed)):
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                message = f"the disk that holds the app builds is full ({exc.strerror})"
+            elif not isinstance(exc, (DetectError, BuildError, PipelineInputError, DeployFailed, RolloutFailed)):
                 log.exception("deployment #%s of %s failed unexpectedly at %s", deployment_id, app, stage)
                 message = f"internal error ({type(exc).__name__}); the daemon log has the details"
             if not (isinstance(exc, DeployFailed) and exc.stage == "queued"):
@@ -240,10 +272,12 @@ class Deployments:
             for line in message.splitlines():
                 emit(f" !     {line}")
             emit(f" !     Deployment #{deployment_id} failed at {failed_stage}; the live release keeps serving")
-            shutil.rmtree(build_dir, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, build_dir, ignore_errors=True)
             raise DeployFailed(failed_stage, message.splitlines()[0] if message else failed_stage) from None
         finally:
-            log_file.close()
+            await exported.discard()
+            if log_file is not None:
+                log_file.close()
 
     # releases of an existing artifact: config changes, rollback, scale, restart
 
