@@ -38,7 +38,9 @@ SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]/]+\]|[^:/\[\]@]+)
 
 
 def _shown(url: str) -> str:
-    return url if len(url) <= SHOWN_URL else f"{url[:SHOWN_URL]}..."
+    """The URL as the push output can show it: on one line, cut short."""
+    shown = url.encode("unicode_escape").decode() if not url.isprintable() else url
+    return shown if len(shown) <= SHOWN_URL else f"{shown[:SHOWN_URL]}..."
 
 
 def _joined(base_path: str, relative: str) -> str | None:
@@ -84,7 +86,7 @@ class UserRemotes:
 
     def resolve(self, url: str, base: Remote) -> Remote:
         if not url or len(url) > MAX_URL or any(c.isspace() or not c.isprintable() for c in url):
-            raise RemoteRefused(f"{_shown(url)!r} is not a repository URL")
+            raise RemoteRefused(f"{_shown(url)} is not a repository URL")
         if url.startswith(("./", "../")):
             return self._relative(url, base)
         if url.startswith("-"):
