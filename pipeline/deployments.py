@@ -156,7 +156,8 @@ class Deployments:
         try:
             exported = await self.exporter.export(
                 app, commit, object_env, app_dir=self.workspace / app, target=build_dir, remotes=remotes,
-                sandbox=self.scheduler.sandbox(app), env=self.scheduler.base_env(app))
+                sandbox=await asyncio.to_thread(self.scheduler.sandbox, app),
+                env=await asyncio.to_thread(self.scheduler.base_env, app))
         except Exception as exc:
             if not isinstance(exc, DeployFailed):
                 log.exception("exporting %s of %s failed", commit[:12], app)

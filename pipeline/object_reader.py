@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from pipeline.limits import MiB
 COMMIT, TREE, BLOB, TAG = 1, 2, 3, 4
 OFS_DELTA, REF_DELTA = 6, 7
 T = TypeVar("T")
+OBJECT_ID = re.compile(r"[0-9a-f]{40}")
 LOOSE_TYPES = {b"commit": COMMIT, b"tree": TREE, b"blob": BLOB, b"tag": TAG}
 CHUNK = 256 * 1024  # compressed bytes read, and inflated bytes made, per step
 IN_MEMORY = 8 * MiB  # a delta applied in memory: it, its base and its result each at most this
@@ -232,13 +234,13 @@ class ObjectReader:
     # finding objects
 
     def _locate(self, sha: str) -> _Node:
-        if len(sha) != 40 or not all(c in "0123456789abcdef" for c in sha):
+        if not OBJECT_ID.fullmatch(sha):
             raise CorruptObject(f"{sha[:40]!r} is not an object id")
         for attempt in range(2):
             for directory in self.directories:
-                path = directory / sha[:2] / sha[2:]
-                if path.is_file():
-                    return _Loose(path)
+                path = os.path.join(directory, sha[:2], sha[2:])
+                if os.path.isfile(path):
+                    return _Loose(Path(path))
             for pack in self._packs.values():
                 try:
                     offset = pack.index.object_offset(sha.encode())

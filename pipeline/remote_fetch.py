@@ -57,7 +57,7 @@ class RemoteFetch:
         self.scratch = scratch
         self.sandbox = sandbox
         self.path = env.get("PATH", os.defpath)
-        self.git = shutil.which("git", path=self.path)
+        self.git: str | None = None
         self.env = {
             "PATH": self.path, "LANG": "C", "HOME": str(scratch), "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false",
@@ -66,7 +66,8 @@ class RemoteFetch:
         }
 
     def prepare(self) -> None:
-        """Blocking: the scratch directory, the app user's and private to it."""
+        """Blocking: find git, make the scratch directory the app user's and private to it."""
+        self.git = shutil.which("git", path=self.path)
         if self.sandbox is not None:
             self.sandbox.hand_over(self.scratch)
         else:

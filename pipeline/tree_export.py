@@ -82,15 +82,15 @@ class _Fetched:
 @dataclass
 class ExportedTree:
     root: Path
-    notes: list[str] = field(default_factory=list)
+    fetch: RemoteFetch
+    timeout: float  # of one checkout
+    in_use: set[Path]  # the exporter's scratch directories of deployments not yet done
+    notes: list[str] = field(default_factory=list)  # for the push output: which submodules came from where
     fetched: list[_Fetched] = field(default_factory=list)
-    fetch: RemoteFetch | None = None
-    timeout: float = 0.0
 
     async def check_out(self) -> None:
         """The network submodules into the tree, as the app's user: call once the tree is that user's."""
         for item in self.fetched:
-            assert self.fetch is not None
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.fetch.check_out(item.git_dir, item.sha, self.root / item.path)
@@ -99,47 +99,59 @@ class ExportedTree:
                 raise DeployFailed("export", f"submodule {item.path}: cannot check out {item.url}: {detail}") from None
             except TimeoutError:
                 raise DeployFailed("export", f"submodule {item.path}: checking out {item.url} did not finish "
-                                             f"within {self.timeout:g} seconds") from None
+                                             f"within {self.timeout:g} seconds (--submodule-timeout)") from None
 
     async def discard(self) -> None:
         """The fetched repositories: the build does not need them."""
-        if self.fetch is not None:
-            await asyncio.to_thread(shutil.rmtree, self.fetch.scratch, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, self.fetch.scratch, ignore_errors=True)
+        self.in_use.discard(self.fetch.scratch)
 
 
 class TreeExporter:
     def __init__(self, limits: Limits, concurrency: int) -> None:
         self.limits = limits
+        # The daemon's own reading and writing, not the network fetches its app users wait for.
         self._slots = asyncio.Semaphore(concurrency)
+        self._scratch_in_use: set[Path] = set()
 
     async def export(self, app: str, commit: str, object_env: dict[str, str], *, app_dir: Path, target: Path,
                      remotes: RemoteResolver, sandbox: Sandbox | None, env: dict[str, str]) -> ExportedTree:
         """`commit` of `app` (read from `object_env`'s directories) into `target`, a new directory under
         `app_dir` (whose disk use is bounded); network submodules are fetched as `sandbox` with `env`'s PATH.
         Raises DeployFailed; the caller removes `target`."""
-        async with self._slots:
-            try:
-                await asyncio.to_thread(target.mkdir, mode=0o700, parents=True)  # private until the app's user has it
-            except OSError as exc:
-                raise _write_failed(PurePosixPath(), exc) from None
-            fetch = RemoteFetch(app_dir / "submodules" / target.name, sandbox, env)
-            exported = ExportedTree(target, fetch=fetch, timeout=self.limits.submodule_timeout)
-            export = _Export(self.limits, target, remotes, fetch, exported, await disk_usage(app_dir))
-            try:
-                await export.run(object_directories(object_env), commit, LocalApp(app, Path(object_env["GIT_DIR"])))
-            except BaseException:
-                await exported.discard()
-                raise
-            return exported
+        try:
+            await asyncio.to_thread(target.mkdir, mode=0o700, parents=True)  # private until the app's user has it
+        except OSError as exc:
+            raise _write_failed(PurePosixPath(), exc) from None
+        scratch = app_dir / "submodules"
+        fetch = RemoteFetch(scratch / target.name, sandbox, env)
+        self._scratch_in_use.add(fetch.scratch)
+        exported = ExportedTree(target, fetch, self.limits.submodule_timeout, self._scratch_in_use)
+        await asyncio.to_thread(self._remove_left_over, scratch)
+        export = _Export(self.limits, self._slots, target, remotes, exported, await disk_usage(app_dir))
+        try:
+            await export.run(object_directories(object_env), commit, LocalApp(app, Path(object_env["GIT_DIR"])))
+        except BaseException:
+            await exported.discard()
+            raise
+        return exported
+
+    def _remove_left_over(self, scratch: Path) -> None:
+        """Blocking: what deployments a stopped daemon never finished fetched still counts against the app's disk."""
+        if scratch.is_dir():
+            for entry in scratch.iterdir():
+                if entry not in self._scratch_in_use:
+                    shutil.rmtree(entry, ignore_errors=True)
 
 
 class _Export:
-    def __init__(self, limits: Limits, root: Path, remotes: RemoteResolver, fetch: RemoteFetch,
+    def __init__(self, limits: Limits, slots: asyncio.Semaphore, root: Path, remotes: RemoteResolver,
                  exported: ExportedTree, disk_used: int) -> None:
         self.limits = limits
+        self.slots = slots
         self.root = root
         self.remotes = remotes
-        self.fetch = fetch
+        self.fetch = exported.fetch
         self.exported = exported
         self.disk_used = disk_used
         self.bytes = 0
@@ -170,7 +182,7 @@ class _Export:
     # the walk
 
     async def run(self, directories: list[Path], commit: str, top: LocalApp) -> None:
-        links = await asyncio.to_thread(self._write_local, directories, commit, PurePosixPath(), "the push")
+        links = await self._local(directories, commit, PurePosixPath(), "the push")
         queue: deque[tuple[PurePosixPath, str, str | None, Remote]] = deque(
             (path, sha, url, top) for path, sha, url in links)
         while queue:
@@ -185,8 +197,7 @@ class _Export:
             except RemoteRefused as exc:
                 raise DeployFailed("export", f"submodule {path}: {exc}") from None
             if isinstance(source, LocalApp):
-                links = await asyncio.to_thread(self._write_local, [source.git_dir / "objects"], sha, path,
-                                                f"submodule {path}: {url}")
+                links = await self._local([source.git_dir / "objects"], sha, path, f"submodule {path}: {url}")
             else:
                 links = await self._fetch(path, sha, source)
             self.exported.notes.append(f"submodule {path} at {sha[:12]} from {url}")
@@ -195,6 +206,10 @@ class _Export:
         await asyncio.to_thread(_check_links_stay_inside, self.root)
 
     # trees the daemon reads: the push's, and those of apps on this DevFlow
+
+    async def _local(self, directories: list[Path], commit: str, prefix: PurePosixPath, source: str) -> list[_Link]:
+        async with self.slots:
+            return await asyncio.to_thread(self._write_local, directories, commit, prefix, source)
 
     def _write_local(self, directories: list[Path], commit: str, prefix: PurePosixPath, source: str) -> list[_Link]:
         """Blocking: `commit`'s tree at `prefix`; returns the submodules it holds. `source` says where the
@@ -212,7 +227,7 @@ class _Export:
                 planned, links, gitmodules = self._plan(reader, tree, prefix)
                 urls = self._submodule_urls(self._gitmodules(reader, gitmodules, prefix)) if links else {}
                 self._write(reader, planned, prefix)
-            except (CorruptObject, ObjectFormatException, KeyError) as exc:
+            except (CorruptObject, ObjectFormatException, KeyError, ValueError) as exc:
                 log.warning("export of %s at %s: %s", commit[:12], prefix or "/", exc)
                 raise DeployFailed("export", f"the objects of {commit[:12]} cannot be read (corrupt or missing); "
                                              "push again") from None
