@@ -86,33 +86,27 @@ class RemoteFetch:
         except GitFailed:
             raise GitFailed(f"it has no commit {sha[:12]}") from None
 
-    async def listing(self, git_dir: Path, sha: str, max_entries: int) -> list[TreeEntry] | None:
-        """Every entry of the commit's tree, or None past `max_entries`."""
-        entries: list[TreeEntry] = []
+    async def listing(self, git_dir: Path, sha: str, each: Callable[[TreeEntry], None]) -> None:
+        """Every entry of the commit's tree to `each`, as git lists it (which `each` may stop by raising)."""
         pending = b""
 
         def take(chunk: bytes) -> None:
             nonlocal pending
             *records, pending = (pending + chunk).split(b"\0")
             for record in records:
-                if len(entries) >= max_entries:
-                    raise _TooMuch
                 meta, _, path = record.partition(b"\t")
                 mode, _, rest = meta.partition(b" ")
                 _, _, rest = rest.partition(b" ")
                 object_id, _, size = rest.partition(b" ")
-                entries.append(TreeEntry(int(mode, 8), object_id.decode(), int(size) if size.strip() != b"-" else 0,
-                                         path.decode("utf-8", "surrogateescape")))
+                each(TreeEntry(int(mode, 8), object_id.decode(), int(size) if size.strip() != b"-" else 0,
+                               path.decode("utf-8", "surrogateescape")))
             if len(pending) > OUTPUT_STEP:  # git ends a record within a path's length
                 raise GitFailed("git's tree listing is malformed")
 
         try:
             await self._run("-C", str(git_dir), "ls-tree", "-r", "-t", "-l", "-z", "--full-tree", sha, output=take)
-        except _TooMuch:
-            return None
         except ValueError:
             raise GitFailed("git's tree listing is malformed") from None
-        return entries
 
     async def blob(self, git_dir: Path, sha: str, limit: int) -> bytes | None:
         """A blob's content, or None past `limit` bytes."""

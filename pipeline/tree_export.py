@@ -41,7 +41,7 @@ from pipeline.object_reader import (
     ObjectReader,
     ObjectTooLarge,
 )
-from pipeline.remote_fetch import GITLINK, GitFailed, RemoteFetch
+from pipeline.remote_fetch import GITLINK, GitFailed, RemoteFetch, TreeEntry
 from pipeline.remotes import LocalApp, NetworkRemote, Remote, RemoteRefused, RemoteResolver
 
 log = logging.getLogger(__name__)
@@ -343,12 +343,11 @@ class _Export:
             async with asyncio.timeout(self.limits.submodule_timeout):
                 await within_disk_limit(self.fetch.scratch, self.limits.max_app_bytes,
                                         self.fetch.fetch(source.url, sha, git_dir), too_large)
-                entries = await self.fetch.listing(git_dir, sha, self.limits.max_app_files - self.entries + 1)
-                if entries is None:
-                    raise self._refuse("max_app_files", f"the pushed tree holds too many files and directories "
-                                                        f"(past the limit in submodule {path})")
-                links, gitmodules = [], None
-                for entry in entries:
+                links: list[tuple[str, str]] = []
+                gitmodules: str | None = None
+
+                def count(entry: TreeEntry) -> None:
+                    nonlocal gitmodules
                     inner = _inner_path(path, entry.path)
                     self._count_entry(path / inner)
                     if entry.mode == GITLINK:
@@ -357,6 +356,8 @@ class _Export:
                         self._count_blob(path / inner, entry.size)
                         if entry.path == ".gitmodules":
                             gitmodules = entry.sha
+
+                await self.fetch.listing(git_dir, sha, count)
                 text = await self.fetch.blob(git_dir, gitmodules, MAX_GITMODULES_BYTES) if links and gitmodules \
                     else b""
         except GitFailed as exc:

@@ -169,14 +169,19 @@ def test_anything_else_local_is_refused_without_a_word_about_the_host(request, b
 @pytest.fixture(scope="module")
 def git_daemon(served: Daemon, lib: str, tmp_path_factory) -> Iterator[tuple[int, Path, Path]]:
     """`git daemon` on loopback serving netlib.git (which holds a network submodule and one naming sublib on
-    this DevFlow) and netdeep.git; its access hook logs the uid of each client's socket."""
+    this DevFlow), netdeep.git and netbig.git (a 100 MiB file); its access hook logs the uid of each client's
+    socket."""
     base = tmp_path_factory.mktemp("git-daemon")
     deep = make_repo(base / "netdeep-src", {"deep.txt": "from deep down\n"})
     deep_sha = commit(deep, "deep", allow_empty=True)
     net = make_repo(base / "netlib-src", {"greeting.txt": "hello over the network\n"})
     add_submodule(served, net, "deep", "../netdeep.git", deep_sha)
     add_submodule(served, net, "mine", f"ssh://git@127.0.0.1:{served.ssh_port}/sublib.git", lib)
-    for name, src in (("netdeep", deep), ("netlib", net)):
+    big = make_repo(base / "netbig-src", {"README": "a large file\n"})
+    with (big / "zeros.bin").open("wb") as out:
+        out.truncate(100 * 1024 * 1024)
+    commit(big, "zeros")
+    for name, src in (("netdeep", deep), ("netlib", net), ("netbig", big)):
         subprocess.run(["git", "clone", "-q", "--bare", str(src), str(base / f"{name}.git")], check=True,
                        env={**os.environ, "GIT_CONFIG_GLOBAL": os.devnull})
     hook_log = base / "clients.log"
@@ -260,3 +265,22 @@ def test_the_number_of_submodules_is_bounded(served: Daemon, lib: str) -> None:
     reason = refusal(push_as(served, repo, "many"))
     assert re.search(r"the push brings too many submodules \(past the limit at lib\d+\)", reason), reason
     assert "--max-submodules" in reason
+
+
+def test_a_network_submodule_counts_toward_max_app_bytes(tmp_path_factory, lib: str,
+                                                         git_daemon: tuple[int, Path, Path]) -> None:
+    port, _, base = git_daemon
+    daemon = start_daemon(tmp_path_factory.mktemp("tight-submodules"), extra_args=("--max-app-bytes", str(64 << 20)))
+    try:
+        repo = make_repo(daemon.work / "netbig", {"Procfile": "web: python3 -m http.server $PORT\n"})
+        sha = subprocess.run(["git", "-C", str(base / "netbig.git"), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        add_submodule(daemon, repo, "vendor/big", f"git://127.0.0.1:{port}/netbig.git", sha)
+        assert refusal(push_as(daemon, repo, "netbig")) == (
+            "deploy failed at export: the pushed tree is too large uncompressed (past the limit at "
+            "vendor/big/zeros.bin, a 100.0 MiB file): the limit is 64 MiB (an admin can raise it with devflow up "
+            "--max-app-bytes)")
+        assert not any((daemon.apps_dir / "netbig" / "builds").iterdir())
+        assert not any((daemon.apps_dir / "netbig" / "submodules").iterdir())  # nor what the app's user fetched
+    finally:
+        stop_daemon(daemon)
