@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.builders import Sandbox
 from pipeline.limits import KiB
+from pipeline.object_reader import OBJECT_ID
 
 ALLOWED_PROTOCOLS = "https:http:ssh:git"
 GIT_CONFIG = (
@@ -98,6 +99,8 @@ class RemoteFetch:
                 mode, _, rest = meta.partition(b" ")
                 _, _, rest = rest.partition(b" ")
                 object_id, _, size = rest.partition(b" ")
+                if not OBJECT_ID.fullmatch(object_id.decode("ascii", "replace")):
+                    raise GitFailed("git's tree listing is malformed")
                 each(TreeEntry(int(mode, 8), object_id.decode(), int(size) if size.strip() != b"-" else 0,
                                path.decode("utf-8", "surrogateescape")))
             if len(pending) > OUTPUT_STEP:  # git ends a record within a path's length

@@ -4,7 +4,7 @@ Nothing a push holds makes the export outgrow its bounds: each tree's entries an
 the objects' headers, nothing inflated) are counted against --max-app-files and --max-app-bytes, and the
 app's disk use against --max-disk-bytes, before any of that tree is written; blobs are inflated straight
 into their files (pipeline.object_reader), and trees are read whole only up to the size their entry count
-allows. Exports running at once are bounded too: each holds one slot of `TreeExporter`.
+allows. The reading and writing of exports running at once takes turns: `TreeExporter` has a few slots.
 
 Submodules: each URL goes through the RemoteResolver, relative to where its superproject came from. An app
 on this DevFlow is exported here, by the daemon, from its (root's, trusted) repository; a network remote is
