@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import posixpath
 import re
 from pathlib import Path
 
@@ -86,18 +85,17 @@ class AppRegistry:
             app = db.scalar(select(App).where(App.name == check_app_name(name)))
             return self._role(db, actor, app) if app else None
 
-    def readable_repository(self, user: str, app: str, relative_url: str) -> Path | None:
-        """What a relative submodule URL of `app` (e.g. ../lib.git) names, if `user` may read it."""
-        target = posixpath.normpath(posixpath.join(f"/{app}.git", relative_url)).removeprefix("/").removesuffix(".git")
-        if not APP_NAME.fullmatch(target):
+    def readable_repository(self, user: str, name: str) -> Path | None:
+        """The repository of app `name` if `user` may read it; None, the same, when it does not exist."""
+        if not isinstance(name, str) or not APP_NAME.fullmatch(name) or "--" in name:
             return None
         with self.sessions() as db:
             user_row = db.scalar(select(User).where(User.name == user))
-            other = db.scalar(select(App).where(App.name == target))
-            if user_row is None or other is None:
+            app = db.scalar(select(App).where(App.name == name))
+            if user_row is None or app is None:
                 return None
             actor = Actor(user_row.id, user_row.name, user_row.is_admin, user_row.can_create_apps)
-            return self.repositories.path(target) if self._role(db, actor, other) is not None else None
+            return self.repositories.path(name) if self._role(db, actor, app) is not None else None
 
     def create(self, actor: Actor, name: str) -> dict:
         check_app_name(name)

@@ -38,6 +38,7 @@ from gitd.identity.directory import Directory
 from gitd.identity.public_keys import fingerprint_of
 from gitd.identity.roles import Actor
 from gitd.management import Management
+from gitd.remote_urls import RemoteUrls
 from gitd.settings import Settings
 from gitd.ssh.server import load_or_create_host_key, start_ssh_server
 from gitd.ssh.session import SessionHandler
@@ -168,7 +169,8 @@ class Daemon:
             self.apps_root, Platform(settings.domain, settings.router_port), uids, self.limits,
             max_builds=settings.max_concurrent_builds,
         )
-        self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, self.apps.readable_repository))
+        remote_urls = RemoteUrls(self.apps, settings.host, settings.ssh_port, settings.http_port)
+        self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, remote_urls.for_user))
         self.deploy_services = DeployServices(self.deployments, self._run_on_loop)
         self._loop: asyncio.AbstractEventLoop | None = None
         push_sessions = PushSessions()

@@ -11,6 +11,7 @@ through threads (asyncio.to_thread, ProcessLogs.post), never directly.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,11 +22,12 @@ from sqlalchemy.orm import sessionmaker
 
 from pipeline.app_uids import AppUids
 from pipeline.app_workspace import KEEP_BUILDS, AppWorkspace
-from pipeline.builders import Builder, BuildError
+from pipeline.builders import Builder, BuildError, BuildResult
 from pipeline.config_vars import ConfigVars, check_config, check_key, check_value
 from pipeline.deploy_settings import DeploySettings
 from pipeline.deployment_records import DeploymentRecords
 from pipeline.detect import DetectError, detect
+from pipeline.disk_usage import shown_size, within_disk_limit
 from pipeline.errors import DeployFailed, PipelineInputError
 from pipeline.limits import Limits
 from pipeline.release_env import (
@@ -39,7 +41,8 @@ from pipeline.release_env import (
     process_env,
 )
 from pipeline.release_ledger import ReleaseLedger, ReleaseRecord
-from pipeline.tree_export import LocalRepo, export_tree
+from pipeline.remotes import RemoteResolver
+from pipeline.tree_export import ExportedTree, TreeExporter
 from runtime.local.scheduler import LocalScheduler
 from runtime.process_logs import ProcessLogs
 from runtime.rollout import ReleaseSpec, Rollout, RolloutFailed
@@ -95,6 +98,7 @@ class Deployments:
         self.uids = uids
         self.limits = limits
         self._builds = asyncio.Semaphore(max_builds)
+        self.exporter = TreeExporter(limits, max_builds)
         self._locks: dict[str, asyncio.Lock] = {}
         self._newest_push: dict[str, int] = {}
         self._background: set[asyncio.Task] = set()
@@ -124,14 +128,19 @@ class Deployments:
     # pushes
 
     async def deploy_push(self, app: str, commit: str, user: str, object_env: dict[str, str], say: Say,
-                          detach: bool = False, local_repo: LocalRepo = lambda url: None) -> None:
-        """Deploy a pushed commit; raises DeployFailed. With detach, returns once queued."""
+                          detach: bool = False, *, remotes: RemoteResolver) -> None:
+        """Deploy a pushed commit; raises DeployFailed. With detach, returns once queued. `remotes` resolves
+        the URLs of its submodules, for the pusher."""
         deployment_id = await asyncio.to_thread(self.records.create, app, commit, user)
         say(f"-----> Deployment #{deployment_id} of {app} at {commit[:12]}")
         build_dir = self.workspace.build_dir(app, deployment_id)
         started = time.monotonic()
         try:
-            notes = await asyncio.to_thread(export_tree, object_env, commit, build_dir, local_repo)
+            # A new app's uid is allocated here (host-wide, with an fsync): in a thread, as every lookup.
+            exported = await self.exporter.export(
+                app, commit, object_env, app_dir=self.workspace.root / app, target=build_dir, remotes=remotes,
+                sandbox=await asyncio.to_thread(self.scheduler.sandbox, app),
+                env=await asyncio.to_thread(self.scheduler.base_env, app))
         except Exception as exc:
             if not isinstance(exc, DeployFailed):
                 log.exception("exporting %s of %s failed", commit[:12], app)
@@ -139,27 +148,29 @@ class Deployments:
             await asyncio.to_thread(self.workspace.remove_build, app, deployment_id)
             await asyncio.to_thread(self.records.fail, deployment_id, "export", exc.message, {})
             raise exc from None
-        for note in notes:
+        for note in exported.notes:
             say(f"-----> {note}")
         self._newest_push[app] = deployment_id  # only an exported push may supersede a queued one
         timings = {"export": round(time.monotonic() - started, 3)}
         if detach:
-            task = asyncio.create_task(self._run_detached(app, deployment_id, commit, user, build_dir, timings))
+            task = asyncio.create_task(self._run_detached(app, deployment_id, commit, user, exported, timings))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             say(f"-----> Queued; follow it with: logs {app} -f")
             return
-        await self._run_push(app, deployment_id, commit, user, build_dir, timings, say)
+        await self._run_push(app, deployment_id, commit, user, exported, timings, say)
 
-    async def _run_detached(self, app: str, deployment_id: int, commit: str, user: str, build_dir: Path,
+    async def _run_detached(self, app: str, deployment_id: int, commit: str, user: str, exported: ExportedTree,
                             timings: dict) -> None:
         try:
-            await self._run_push(app, deployment_id, commit, user, build_dir, timings, lambda line: None)
+            await self._run_push(app, deployment_id, commit, user, exported, timings, lambda line: None)
         except DeployFailed as exc:
             log.info("detached deployment #%s of %s failed: %s", deployment_id, app, exc)
 
-    async def _run_push(self, app: str, deployment_id: int, commit: str, user: str, build_dir: Path,
+    async def _run_push(self, app: str, deployment_id: int, commit: str, user: str, exported: ExportedTree,
                         timings: dict, say: Say) -> None:
+        build_dir = exported.root
+
         def emit(line: str) -> None:
             say(line)
             self.logs.post(app, "build", line, deployment_id)
@@ -186,7 +197,6 @@ class Deployments:
                 timings["detect"] = round(time.monotonic() - t, 3)
                 t = time.monotonic()
                 await enter("build", "building")
-                # A new app's uid is allocated here (host-wide, with an fsync): in a thread, as every lookup.
                 sandbox = await asyncio.to_thread(self.scheduler.sandbox, app)
                 if sandbox is not None:
                     await asyncio.to_thread(self.workspace.adopt_trees, app, sandbox)
@@ -196,9 +206,20 @@ class Deployments:
                 # the platform's PATH and locale win over them.
                 build_env = {**await asyncio.to_thread(self.config_vars.get_all, app),
                              **await asyncio.to_thread(self.scheduler.base_env, app), "HOME": str(cache / "home")}
+
+                async def build() -> BuildResult:
+                    await exported.check_out()  # network submodules, as the app's user, into its tree
+                    await exported.discard()
+                    return await self.builder.build(build_dir, detection, cache, build_env,
+                                                    lambda line: emit(f"       {line}"), sandbox)
+
+                def over_disk(used: int) -> DeployFailed:
+                    return DeployFailed("build", str(self.limits.refuse(
+                        "max_disk_bytes", f"the builds and caches of {app} take {shown_size(used)}")))
+
                 async with self._builds:
-                    result = await self.builder.build(build_dir, detection, cache, build_env,
-                                                      lambda line: emit(f"       {line}"), sandbox)
+                    result = await within_disk_limit(self.workspace.root / app, self.limits.max_disk_bytes, build(),
+                                                     over_disk)
                 timings["build"] = round(time.monotonic() - t, 3)
                 processes = dict(result.processes)
                 release_command = processes.pop("release", None)
@@ -215,7 +236,9 @@ class Deployments:
         except Exception as exc:
             failed_stage = getattr(exc, "stage", stage)
             message = getattr(exc, "message", str(exc))
-            if not isinstance(exc, EXPECTED):
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                message = f"the disk that holds the app builds is full ({exc.strerror})"
+            elif not isinstance(exc, EXPECTED):
                 log.exception("deployment #%s of %s failed unexpectedly at %s", deployment_id, app, stage)
                 message = f"internal error ({type(exc).__name__}); the daemon log has the details"
             if not (isinstance(exc, DeployFailed) and exc.stage == "queued"):
@@ -225,6 +248,8 @@ class Deployments:
             emit(f" !     Deployment #{deployment_id} failed at {failed_stage}; {_still(serving)}")
             await asyncio.to_thread(self.workspace.remove_build, app, deployment_id)
             raise DeployFailed(failed_stage, message.splitlines()[0] if message else failed_stage) from None
+        finally:
+            await exported.discard()
 
     def _live_line(self, app: str, record: ReleaseRecord) -> str:
         if "web" in record.processes:

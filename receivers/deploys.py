@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from pathlib import Path
 
 from dulwich.repo import Repo
 
 from pipeline.deploy_settings import DeploySettings
 from pipeline.deployments import Deployments
 from pipeline.errors import DeployFailed
+from pipeline.remotes import RemoteResolver
 from receivers.push_events import PushEvent, PushRejected, Reply
 
 
@@ -23,11 +23,11 @@ def _server_branches(git_dir: str | None) -> set[str]:
 
 class DeployOnPush:
     def __init__(self, deployments: Deployments, settings: DeploySettings,
-                 sibling_repo: Callable[[str, str, str], Path | None]) -> None:
-        """`sibling_repo(user, app, url)`: the repository a relative submodule URL names, if the user can read it."""
+                 remotes: Callable[[str], RemoteResolver]) -> None:
+        """`remotes(user)`: what the URLs a push of `user` names (its submodules') stand for, for that user."""
         self.deployments = deployments
         self.settings = settings
-        self.sibling_repo = sibling_repo
+        self.remotes = remotes
 
     async def __call__(self, event: PushEvent, reply: Reply) -> None:
         pushed = {u.branch for u in event.updates if u.branch}
@@ -42,6 +42,6 @@ class DeployOnPush:
             try:
                 await self.deployments.deploy_push(
                     event.app, update.new, event.user, event.object_env, reply.say, detach="detach" in event.options,
-                    local_repo=lambda url: self.sibling_repo(event.user, event.app, url))
+                    remotes=self.remotes(event.user))
             except DeployFailed as exc:
                 raise PushRejected(f"deploy failed at {exc.stage}: {exc.message}") from None

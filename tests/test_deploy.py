@@ -483,31 +483,6 @@ def add_submodule(daemon: Daemon, repo: Path, path: str, url: str, sha: str) -> 
     daemon.git("commit", "-qm", f"submodule {path}", cwd=repo)  # not `add -A`: it would drop the gitlink
 
 
-def test_submodules_are_exported(live: Daemon) -> None:
-    lib = live.work / "sublib-src"
-    lib.mkdir()
-    live.git("init", "-q", "-b", "trunk", str(lib))
-    (lib / "greeting.txt").write_text("hello from the submodule\n")
-    sha = commit(lib, "lib")
-    live.git("push", "-q", f"{live.ssh_url}/sublib.git", "trunk", cwd=lib)  # not a deploy branch: no deploy
-
-    repo = app_repo(live, "stdlib", "subapp")
-    add_submodule(live, repo, "vendor/lib", "../sublib.git", sha)
-    add_submodule(live, repo, "vendor/remote", f"file://{lib}", sha)
-    result = push(live, repo, "subapp")
-    assert "submodule vendor/lib at" in result.stderr and "from ../sublib.git" in result.stderr
-    builds = sorted((live.apps_dir / "subapp" / "builds").iterdir())
-    for path in ("vendor/lib", "vendor/remote"):
-        assert (builds[-1] / path / "greeting.txt").read_text() == "hello from the submodule\n"
-
-    outsider = live.add_user("outsider")
-    other = app_repo(live, "stdlib", "nosy")
-    add_submodule(live, other, "vendor/lib", "../sublib.git", sha)
-    refused = live.git("push", f"{live.ssh_url}/nosy.git", "main", cwd=other, key=outsider, check=False)
-    assert refused.returncode != 0
-    assert "not an app you can read" in refused.stderr
-
-
 @pytest.mark.skipif(os.getuid() != 0, reason="apps run as uids of their own only under a root daemon")
 def test_each_app_runs_as_its_own_uid_and_cannot_read_another(live: Daemon) -> None:
     push(live, app_repo(live, "stdlib", "victim"), "victim")
