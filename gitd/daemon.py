@@ -140,7 +140,8 @@ class Daemon:
                                     settings.logs_dir / "router.log",
                                     uid=settings.app_uid_base - 1 if os.getuid() == 0 else None)
         logs = ProcessLogs(settings.logs_dir, self.limits.log_max_bytes)
-        scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups())
+        scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups(),
+                                   shims=self.apps_root / ".platform" / "bin")
         self.rollout = Rollout(scheduler, self.router, logs)
         deploy_settings = DeploySettings(sessions)
         self.deployments = Deployments(

@@ -94,11 +94,14 @@ class Deployments:
         with self.sessions.begin() as db:
             db.execute(delete(Deployment).where(Deployment.app == app))
 
-    def fail_interrupted(self) -> None:
-        """At start: deployments a previous daemon left unfinished did not go live."""
+    def fail_interrupted(self) -> list[tuple[str, int]]:
+        """At start: deployments a previous daemon left unfinished did not go live; (app, id) of each."""
+        unfinished = Deployment.state.in_(("queued", "building", "releasing"))
         with self.sessions.begin() as db:
-            db.execute(update(Deployment).where(Deployment.state.in_(("queued", "building", "releasing")))
+            interrupted = list(db.execute(select(Deployment.app, Deployment.id).where(unfinished)).tuples())
+            db.execute(update(Deployment).where(unfinished)
                        .values(state="failed", error="the daemon stopped during this deployment", finished_at=now()))
+        return interrupted
 
     def _update(self, deployment_id: int, **changes) -> None:
         with self.sessions.begin() as db:
@@ -210,10 +213,10 @@ class Deployments:
                 if sandbox is not None:
                     await self._adopt_trees(app)
                     await asyncio.to_thread(sandbox.hand_over_tree, build_dir)
-                async with self._builds:
+                async with self._builds, self.scheduler.build_sandbox(app, deployment_id) as build_sandbox:
                     result = await self.builder.build(build_dir, detection, cache,
                                                       {**self.scheduler.base_env(app), "HOME": str(cache / "home")},
-                                                      lambda line: emit(f"       {line}"), sandbox)
+                                                      lambda line: emit(f"       {line}"), build_sandbox)
                 timings["build"] = round(time.monotonic() - t, 3)
                 processes = dict(result.processes)
                 release_command = processes.pop("release", None)
@@ -340,8 +343,11 @@ class Deployments:
         return record
 
     async def restore(self) -> None:
-        """At daemon start: route to app processes that kept running, restart the rest at their last release."""
-        await asyncio.to_thread(self.fail_interrupted)
+        """At daemon start: what a previous daemon left unfinished fails, its processes are killed and its builds
+        removed; then route to app processes that kept running, restart the rest at their last release."""
+        interrupted = await asyncio.to_thread(self.fail_interrupted)
+        await self.scheduler.stop_leftover_tasks()
+        await asyncio.to_thread(self._remove_builds, interrupted)
         for app in await asyncio.to_thread(self.ledger.apps):
             latest = self.ledger.latest(app)
             if latest is None:
@@ -359,6 +365,16 @@ class Deployments:
                 await self.restart(app, lambda line: None)
             except (DeployFailed, PipelineInputError) as exc:
                 log.error("could not bring %s back at v%s: %s", app, latest.version, exc)
+
+    def _remove_builds(self, deployments: list[tuple[str, int]]) -> None:
+        """The build directories of interrupted deployments, unless a release took one (the daemon stopped between
+        recording the release and marking the deployment live)."""
+        for app, deployment_id in deployments:
+            build = self.workspace / app / "builds" / str(deployment_id)
+            if build.is_dir() and str(build) not in self.ledger.artifacts_in_use(app, KEEP_BUILDS):
+                shutil.rmtree(build, ignore_errors=True)
+                log.info("removed the build of deployment #%s of %s, which the daemon's stop interrupted",
+                         deployment_id, app)
 
     async def destroy(self, app: str) -> None:
         async with self._lock(app):
@@ -403,7 +419,8 @@ class Deployments:
     def _process_env(self, app: str, version: int, artifact: str, build_env: dict[str, str],
                      config: dict[str, str], app_json: dict) -> dict[str, str]:
         # HOME is the app's own directory, as on Heroku (/app): its uid may have no passwd entry to find one.
-        env = {**self.scheduler.base_env(app), "HOME": artifact, **app_json.get("env", {}), **build_env, **config}
+        env = {**self.scheduler.base_env(app), "HOME": self.scheduler.home(artifact), **app_json.get("env", {}),
+               **build_env, **config}
         env.update(DEVFLOW_APP=app, DEVFLOW_RELEASE=f"v{version}", DEVFLOW_URL=self.platform.url(app))
         return env
 

@@ -48,10 +48,10 @@ def scheduler(tmp_path: Path):
         asyncio.run(sched.stop(instance))
 
 
-def start(sched: LocalScheduler, tmp_path: Path, **env: str) -> Instance:
+def start(sched: LocalScheduler, tmp_path: Path, command: str = f"{sys.executable} app.py", **env: str) -> Instance:
     port = free_port()
     full_env = {"PATH": os.environ["PATH"], "PORT": str(port), **env}
-    return asyncio.run(sched.start("demo", 1, "web", 1, f"{sys.executable} app.py", tmp_path / "app", full_env, port))
+    return asyncio.run(sched.start("demo", 1, "web", 1, command, tmp_path / "app", full_env, port))
 
 
 def wait_for(predicate, attempts: int = 200, delay: float = 0.05) -> bool:
@@ -72,10 +72,10 @@ def test_process_serves_and_logs_with_names(scheduler: LocalScheduler, tmp_path:
 
 
 def test_crashed_child_is_restarted(scheduler: LocalScheduler, tmp_path: Path) -> None:
-    instance = start(scheduler, tmp_path)
+    instance = start(scheduler, tmp_path, f"{sys.executable} app.py; exit 1")  # a compound: the shell stays
     asyncio.run(wait_healthy(instance, [], lambda line: None))
     shell = instance.status()["child_pid"]
-    [app] = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()  # sh -c runs the app as its child
+    [app] = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
     os.kill(shell, signal.SIGKILL)
     assert wait_for(lambda: instance.status().get("restarts") == 1 and instance.status()["state"] == "running")
     asyncio.run(wait_healthy(instance, [], lambda line: None))

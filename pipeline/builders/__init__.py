@@ -27,15 +27,18 @@ class BuildResult:
 
 
 class Sandbox(Protocol):
-    """The unprivileged user an app's build tools run as (runtime.local.app_user.AppUser)."""
+    """Where one build's tools run (runtime.local.build_sandbox.BuildSandbox): in the build's unit, which is killed
+    whole when the build ends (and by the next daemon if this one dies), as the app's unprivileged user under a
+    root daemon. The deployment makes it, and ends it, around the build."""
 
     @property
     def preexec(self) -> Callable[[], None]:
-        """Runs in each tool's process before exec: switches to the user."""
+        """Runs in each tool's process (leading a process group of its own) before exec: joins the build's unit,
+        switches to the user, and makes the tool die with the daemon."""
         ...
 
     def hand_over(self, directory: Path) -> None:
-        """Create `directory` if missing and give it (not its contents) to the user."""
+        """Create `directory` if missing and give it (not its contents) to the user, if there is one."""
         ...
 
 
@@ -45,5 +48,5 @@ class Builder(Protocol):
     async def build(self, src: Path, detection: Detection, cache: Path, env: dict[str, str],
                     log: Callable[[str], None], sandbox: Sandbox | None = None) -> BuildResult:
         """Build `src` in place; `cache` persists between builds of one app; every tool line goes to `log`.
-        With a `sandbox` the tools run as its user (which owns `src` already); without, as the daemon."""
+        With a `sandbox` the tools run in it (its user owns `src` already); without, as the daemon's children."""
         ...
