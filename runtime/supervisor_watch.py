@@ -70,7 +70,10 @@ class SupervisorWatch:
                 continue
             times.append(time.monotonic())
             log.warning("%s %s: %s; starting it again", instance.app, instance.name, why)
-            await self.scheduler.revive(instance, why)
+            try:
+                await self.scheduler.revive(instance, why)
+            except Exception:
+                log.exception("%s %s: could not start it again", instance.app, instance.name)
 
 
 def _lost(instances: list[Instance]) -> list[tuple[Instance, int | None]]:

@@ -24,15 +24,19 @@ from runtime.local.process_unit import ProcessUnit
 from runtime.local.release_mount import enter
 
 MODULE = "runtime.local.launcher"
+SOURCE = Path(__file__).resolve().parents[2]  # where `runtime` is: the source tree, or site-packages
 PR_SET_PDEATHSIG = 1
 CANNOT_RUN = 127
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: a forked child of a threaded daemon calls it
 
 
 def command(plan: Path, parent: int) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that run the launcher on `plan`, for a process whose parent is `parent`."""
-    argv = [sys.executable, "-s", "-P", "-m", MODULE, str(plan), str(parent)]
-    return argv, {"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": os.pathsep.join(sys.path)}
+    """The argv and environment that run the launcher on `plan`, for a process whose parent is `parent`.
+
+    It needs the standard library and DevFlow's runtime only: no site-packages (-S), whose start-up costs more
+    than the rest, and no directory but the one that holds `runtime`."""
+    argv = [sys.executable, "-S", "-s", "-P", "-m", MODULE, str(plan), str(parent)]
+    return argv, {"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": str(SOURCE)}
 
 
 def die_with_parent(parent: int) -> None:

@@ -170,8 +170,10 @@ class Units:
 
     def prune(self) -> None:
         """With the daemon stopped and its units gone: its empty cgroup directories go too."""
-        base = self.cgroups.tracking(self.id) if self.cgroups else None
-        for directory in (*(base / kind for kind in ("apps", "tasks")), base) if base else ():
+        if self.cgroups is None:
+            return
+        base = self.cgroups.tracking(self.id)
+        for directory in (*((base / "apps", base / "tasks", base) if base else ()), *self.cgroups.v1_dirs(self.id)):
             with contextlib.suppress(OSError):
                 directory.rmdir()
 

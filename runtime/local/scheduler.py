@@ -140,6 +140,8 @@ class LocalScheduler:
         host_path = os.environ.get("PATH", os.defpath)
         self.shims = python_shims.install(shims, self._usable(host_path)) if shims else None
         self._stopping: set[Path] = set()
+        self._reviving: set[Path] = set()
+        log.info("process units: %s", self.units.describe())
 
     def _usable(self, search_path: str) -> str:
         """PATH as an app's user can use it: without what only root may enter (a private /root)."""
@@ -154,7 +156,11 @@ class LocalScheduler:
         directory = self.run_root / app / f"v{version}-{process_type}.{index}-{secrets.token_hex(3)}"
         instance = Instance(app, version, process_type, index, port, directory)
         await asyncio.to_thread(self._prepare, instance, command, cwd, env, limits or Limits())
-        await self._launch(instance)
+        try:
+            await self._launch(instance)
+        except BaseException:
+            await asyncio.to_thread(self._discard, instance)
+            raise
         return instance
 
     def _prepare(self, instance: Instance, command: str, cwd: Path, env: dict[str, str], limits: Limits) -> None:
@@ -200,10 +206,14 @@ class LocalScheduler:
     async def revive(self, instance: Instance, why: str) -> None:
         """Its supervisor died: what it left is killed, and a new one starts on the same spec (the same port, so
         the router's route stays right). An instance being stopped, or gone, is left alone."""
-        if instance.directory in self._stopping:
+        if instance.directory in self._stopping or instance.directory in self._reviving:
             return
-        if await asyncio.to_thread(self._clear_for_revival, instance, why):
-            await self._launch(instance)
+        self._reviving.add(instance.directory)
+        try:
+            if await asyncio.to_thread(self._clear_for_revival, instance, why):
+                await self._launch(instance)
+        finally:
+            self._reviving.discard(instance.directory)
 
     def _clear_for_revival(self, instance: Instance, why: str) -> bool:
         try:
@@ -238,6 +248,8 @@ class LocalScheduler:
         killed, and the instance is forgotten."""
         self._stopping.add(instance.directory)
         try:
+            while instance.directory in self._reviving:  # a supervisor starting: stop that one, not the dead one
+                await asyncio.sleep(0.05)
             status = await asyncio.to_thread(instance.status)
             pid = status.get("supervisor_pid")
             if pid and await asyncio.to_thread(instance.alive, status):
