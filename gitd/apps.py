@@ -8,7 +8,7 @@ import posixpath
 import re
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,6 +17,7 @@ from gitd.git.repositories import Repositories
 from gitd.identity.directory import now
 from gitd.identity.roles import Actor, Role
 from gitd.schema import App, Collaborator, User
+from pipeline.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +35,23 @@ def check_app_name(name: str) -> str:
     return name
 
 
-def app_record(app: App, role: Role | None) -> dict:
+def app_record(app: App, actor: Actor, role: Role | None) -> dict:
+    """What anyone with a role on the app may see: its public facts, and the role it has for them."""
+    owner = app.owner_id is not None and app.owner_id == actor.user_id
     return {
         "name": app.name,
         "owner": app.owner.name if app.owner else None,
-        "role": role.label if role else None,
-        "protected_branches": app.protected_branches.split(),
+        # The same word `collaborators` uses: the owner is not one admin among others.
+        "role": "owner" if owner else role.label if role else None,
         "created_at": app.created_at.isoformat(timespec="seconds"),
     }
 
 
 class AppRegistry:
-    def __init__(self, sessions: sessionmaker, repositories: Repositories) -> None:
+    def __init__(self, sessions: sessionmaker, repositories: Repositories, limits: Limits) -> None:
         self.sessions = sessions
         self.repositories = repositories
+        self.limits = limits
 
     def _app(self, db: Session, name: str) -> App:
         app = db.scalar(select(App).where(App.name == check_app_name(name)))
@@ -103,12 +107,16 @@ class AppRegistry:
             with self.sessions.begin() as db:
                 if db.scalar(select(App).where(App.name == name)) is not None:
                     raise Conflict(f"app {name!r} already exists")
+                owned = db.scalar(select(func.count()).select_from(App).where(App.owner_id == actor.user_id))
+                if owned >= self.limits.max_apps_per_user:
+                    raise InvalidInput(str(self.limits.refuse(
+                        "max_apps_per_user", f"user {actor.name} owns {owned} apps already")))
                 app = App(name=name, owner_id=actor.user_id, created_at=now(), protected_branches="")
                 db.add(app)
                 db.flush()
                 self.repositories.create(name)
                 log.info("app %s created by %s", name, actor.name)
-                return app_record(app, Role.ADMIN)
+                return app_record(app, actor, Role.ADMIN)
         except IntegrityError:
             raise Conflict(f"app {name!r} already exists") from None
 
@@ -138,21 +146,27 @@ class AppRegistry:
             for app in db.scalars(select(App).order_by(App.name)):
                 role = self._role(db, actor, app)
                 if role is not None:
-                    result.append(app_record(app, role))
+                    result.append(app_record(app, actor, role))
             return result
 
     def info(self, actor: Actor, name: str) -> dict:
+        """`read` sees the public facts; `write` also who collaborates and the branch rules; only platform
+        admins see where the repository lives on the server."""
         with self.sessions() as db:
             app = self._authorized(db, actor, name, Role.READ)
-            record = app_record(app, self._role(db, actor, app))
-            record["collaborators"] = self._collaborators(db, app)
-            record["repository"] = str(self.repositories.path(name))
+            role = self._role(db, actor, app)
+            record = app_record(app, actor, role)
+            if role is not None and role >= Role.WRITE:
+                record["protected_branches"] = app.protected_branches.split()
+                record["collaborators"] = self._collaborators(db, app)
+            if actor.is_admin:
+                record["repository"] = str(self.repositories.path(name))
             return record
 
     def destroy(self, actor: Actor, name: str) -> dict:
         with self.sessions.begin() as db:
             app = self._authorized(db, actor, name, Role.ADMIN)
-            record = app_record(app, Role.ADMIN)
+            record = app_record(app, actor, Role.ADMIN)
             db.delete(app)
         self.repositories.destroy(name)
         log.info("app %s destroyed by %s", name, actor.name)
@@ -169,7 +183,7 @@ class AppRegistry:
         with self.sessions.begin() as db:
             app = self._authorized(db, actor, name, Role.ADMIN)
             app.protected_branches = " ".join(patterns)
-            return app_record(app, self._role(db, actor, app))
+            return {**app_record(app, actor, Role.ADMIN), "protected_branches": patterns}
 
     def is_protected(self, name: str, branch: str) -> bool:
         return any(fnmatch.fnmatchcase(branch, p) for p in self.protected_branches(name))
@@ -183,7 +197,7 @@ class AppRegistry:
 
     def collaborators(self, actor: Actor, name: str) -> list[dict]:
         with self.sessions() as db:
-            return self._collaborators(db, self._authorized(db, actor, name, Role.READ))
+            return self._collaborators(db, self._authorized(db, actor, name, Role.WRITE))
 
     def add_collaborator(self, actor: Actor, name: str, user_name: str, role: str) -> dict:
         parsed = Role.parse(role)
@@ -196,6 +210,10 @@ class AppRegistry:
                 select(Collaborator).where(Collaborator.app_id == app.id, Collaborator.user_id == user.id)
             )
             if collab is None:
+                count = db.scalar(select(func.count()).select_from(Collaborator).where(Collaborator.app_id == app.id))
+                if count >= self.limits.max_collaborators_per_app:
+                    raise InvalidInput(str(self.limits.refuse(
+                        "max_collaborators_per_app", f"{name} has {count} collaborators already")))
                 db.add(Collaborator(app_id=app.id, user_id=user.id, role=parsed.label))
             else:
                 collab.role = parsed.label

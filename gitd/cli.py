@@ -25,7 +25,8 @@ def _settings(args: argparse.Namespace):
     from pipeline.limits import Limits
 
     fields = ("data_dir", "host", "ssh_port", "http_port", "router_port", "domain", "git_backend", "apps_dir",
-              "extra_ca_certs", "app_user", "app_uid_base", "max_concurrent_builds", *Limits.model_fields)
+              "extra_ca_certs", "app_user", "app_uid_base", "uids_dir", "reassign_uids", "max_concurrent_builds",
+              *Limits.model_fields)
     given = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     try:
         return Settings(**given)
@@ -40,7 +41,7 @@ def _directory(args: argparse.Namespace):
     settings = _settings(args)
     # Private until `devflow up` opens it for traversal: the state database holds keys and tokens.
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return Directory(open_state(settings.state_url))
+    return Directory(open_state(settings.state_url), settings.limits())
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -162,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--app-user", help="run every app's builds and processes as this user (root daemons; "
                                        "default: a uid of its own per app)")
     up.add_argument("--app-uid-base", type=int, help="first of the per-app uids (default 700000000)")
+    up.add_argument("--uids-dir", type=Path, help="the host-wide record of which DevFlow holds each uid, shared "
+                                                  "by every daemon on the host (default /var/lib/devflow/uids)")
+    up.add_argument("--reassign-uids", action="store_true", default=None,
+                    help="give apps whose uid another DevFlow on this host holds a fresh uid (their processes "
+                         "restart as it) instead of refusing to start")
     up.add_argument("--max-concurrent-builds", type=int, help="builds at once over all apps (default 2)")
     limits = up.add_argument_group("limits", "bounds on what users control; each also DEVFLOW_<NAME>")
     for name, field in Limits.model_fields.items():

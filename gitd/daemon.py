@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncssh
 import uvicorn
 
 from gitd import __version__
@@ -42,7 +43,9 @@ from pipeline.app_uids import AppUids
 from pipeline.builders.native_impl import NativeBuilder
 from pipeline.config_vars import ConfigVars
 from pipeline.deploy_settings import DeploySettings
-from pipeline.deployments import Deployments, Platform
+from pipeline.deployments import Deployments
+from pipeline.host_uids import HostUids, HostUidsError
+from pipeline.release_env import Platform
 from pipeline.release_ledger import ReleaseLedger
 from receivers.deploys import DeployOnPush
 from receivers.push_receiver import PushReceiver
@@ -80,6 +83,12 @@ def hook_socket_path(settings: Settings) -> Path:
         # Someone else made it first: a socket there could answer our hooks. Use a fresh private one.
         short = Path(tempfile.mkdtemp(prefix="devflow-"))
     return short / "hooks.sock"
+
+
+def known_hosts_line(host: str, port: int, key: asyncssh.SSHKey) -> str:
+    """What OpenSSH writes to known_hosts once the user accepts this host key: `[host]:port type base64`."""
+    name = host if port == 22 else f"[{host}]:{port}"
+    return f"{name} {' '.join(key.export_public_key('openssh').decode().split()[:2])}"
 
 
 def cannot_listen(host: str, port: int, exc: OSError) -> SystemExit:
@@ -126,19 +135,25 @@ class Daemon:
             private.chmod(0o700)
         self.apps_root.chmod(0o711)
         sessions = open_state(settings.state_url, PIPELINE_MIGRATIONS)
-        uids = AppUids(sessions, settings.app_uid_base)
+        # Under root every app and the router run as a uid no other DevFlow on this host has.
+        try:
+            host_uids = HostUids.open(settings.uids_dir, settings.data_dir) if os.getuid() == 0 else None
+            uids = AppUids(sessions, settings.app_uid_base, host_uids)
+            uids.claim_recorded(settings.reassign_uids)
+            router_uid = uids.router_uid()
+        except HostUidsError as exc:
+            raise SystemExit(f"devflow: {exc}") from None
         users = app_users(settings.app_user, uids.uid_for)
-        self.directory = Directory(sessions)
-        self.apps = AppRegistry(sessions, Repositories(settings.repos_dir))
+        self.directory = Directory(sessions, self.limits)
+        self.apps = AppRegistry(sessions, Repositories(settings.repos_dir), self.limits)
         self.backend = choose_backend(
             settings.git_backend,
             PackLimits(hooks_dir=write_hooks(settings.data_dir / "hooks"), max_push_bytes=self.limits.max_push_bytes),
         )
         self.receiver = PushReceiver()
-        # A uid of its own under root, below the apps': not one any app runs as, so none can signal it.
+        # A uid of its own under root, not one any app runs as, so none can signal it.
         self.router = RouterProcess(settings.host, settings.router_port, settings.run_dir,
-                                    settings.logs_dir / "router.log",
-                                    uid=settings.app_uid_base - 1 if os.getuid() == 0 else None)
+                                    settings.logs_dir / "router.log", uid=router_uid)
         logs = ProcessLogs(settings.logs_dir, self.limits.log_max_bytes)
         scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups(),
                                    shims=self.apps_root / ".platform" / "bin")
@@ -148,7 +163,7 @@ class Daemon:
             sessions, ReleaseLedger(sessions), ConfigVars(sessions), deploy_settings,
             NativeBuilder(settings.extra_ca_certs),
             self.rollout, scheduler, logs,
-            self.apps_root, Platform(settings.domain, settings.router_port), uids,
+            self.apps_root, Platform(settings.domain, settings.router_port), uids, self.limits,
             max_builds=settings.max_concurrent_builds,
         )
         self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, self.apps.readable_repository))
@@ -195,6 +210,7 @@ class Daemon:
         info = ServiceInfo(
             version=__version__, host=s.host, ssh_port=ssh_port, http_url=f"http://{s.host}:{http_port}",
             host_key_fingerprint=fingerprint_of(self.host_key), git_backend=self.backend.name,
+            known_hosts_line=known_hosts_line(s.host, ssh_port, self.host_key),
         )
         app = build_app(info, self.directory, self.git, self.management_for)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
@@ -208,6 +224,7 @@ class Daemon:
         print(
             f"DevFlow {__version__} serving\n"
             f"  SSH   ssh://git@{s.host}:{ssh_port}/APP.git  (host key {info.host_key_fingerprint})\n"
+            f"        ~/.ssh/known_hosts line: {info.known_hosts_line}\n"
             f"  HTTP  {info.http_url}  (smart git, /api, status page)\n"
             f"  apps  http://APP.{s.domain}:{self.router.port}  (router)\n"
             f"  data  {s.data_dir}  (git backend: {self.backend.name}; builds in {self.apps_root})",

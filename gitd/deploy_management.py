@@ -30,13 +30,15 @@ class DeployServices:
 
 
 @contextmanager
-def pipeline_errors():
+def pipeline_errors(unchanged: str = ""):
+    """Pipeline refusals as the edge shows them; `unchanged` says what a failed release left as it was."""
     try:
         yield
     except PipelineInputError as exc:
         raise InvalidInput(str(exc)) from None
     except DeployFailed as exc:
-        raise DevflowError(f"release failed at {exc.stage}: {exc.message}; the live release keeps serving") from None
+        kept = f"{unchanged}; the live release keeps serving" if unchanged else "the live release keeps serving"
+        raise DevflowError(f"release failed at {exc.stage}: {exc.message}; {kept}") from None
 
 
 def parse_assignments(pairs: list[str], encoded: bool) -> dict[str, str]:
@@ -71,15 +73,6 @@ class DeployManagement:
 
         return lines, say
 
-    def _release_after(self, app: str, reason: str, description: str, restart: bool) -> dict:
-        lines, say = self._collect()
-        record = None
-        if restart:
-            with pipeline_errors():
-                record = self.deploys.run(self.deploys.deployments.rerelease(app, self.actor.name, reason,
-                                                                             description, say))
-        return {"release": f"v{record.version}" if record else None, "output": lines}
-
     # config
 
     def config_show(self, app: str) -> dict:
@@ -94,25 +87,27 @@ class DeployManagement:
 
     def config_set(self, app: str, pairs: list[str], encoded: bool = False, restart: bool = True) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
-        values = parse_assignments(pairs, encoded)
-        with pipeline_errors():
-            self.deploys.deployments.config_vars.set(app, values)
-        described = f"set {', '.join(sorted(values))}"
-        return {"set": sorted(values), **self._release_after(app, "config", described, restart)}
+        return self._change_config(app, parse_assignments(pairs, encoded), [], restart)
 
     def config_unset(self, app: str, keys: list[str], restart: bool = True) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
         missing = sorted(set(keys) - set(self.deploys.deployments.config_vars.get_all(app)))
         if missing:
             raise NotFound(f"{app} has no config var {', '.join(missing)}")
-        self.deploys.deployments.config_vars.unset(app, keys)
-        described = f"unset {', '.join(sorted(keys))}"
-        return {"unset": sorted(keys), **self._release_after(app, "config", described, restart)}
+        return self._change_config(app, {}, keys, restart)
+
+    def _change_config(self, app: str, values: dict[str, str], unset: list[str], restart: bool) -> dict:
+        lines, say = self._collect()
+        with pipeline_errors(unchanged="the config is unchanged"):
+            change = self.deploys.run(self.deploys.deployments.change_config(
+                app, self.actor.name, values, unset, say, release=restart))
+        result = {"changed": change.changed, "release": f"v{change.release.version}" if change.release else None}
+        return {**result, **({"note": change.note} if change.note else {}), "output": lines}
 
     # releases
 
     def releases(self, app: str) -> list[dict]:
-        self.apps.authorize(self.actor, app, Role.READ)
+        self.apps.authorize(self.actor, app, Role.WRITE)
         return [r.summary() for r in self.deploys.deployments.ledger.list(app)]
 
     def rollback(self, app: str, version: str) -> dict:
@@ -124,26 +119,26 @@ class DeployManagement:
         return {"release": f"v{record.version}" if record else None, "rolled_back_to": version, "output": lines}
 
     def deployments_list(self, app: str) -> list[dict]:
-        self.apps.authorize(self.actor, app, Role.READ)
+        self.apps.authorize(self.actor, app, Role.WRITE)
         return self.deploys.deployments.history(app)
 
     # processes
 
     def ps(self, app: str) -> list[dict]:
-        self.apps.authorize(self.actor, app, Role.READ)
+        self.apps.authorize(self.actor, app, Role.WRITE)
         return self.deploys.deployments.rollout.processes(app)
 
     def ps_scale(self, app: str, pairs: list[str]) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
         counts = {}
         for kind, value in parse_assignments(pairs, encoded=False).items():
-            if not value.isdigit():
-                raise InvalidInput(f"{kind}={value}: the count must be a whole number")
+            if not value.isdigit() or len(value) > 6:
+                raise InvalidInput(f"{kind}={value[:20]}: the count must be a whole number")
             counts[kind] = int(value)
-        with pipeline_errors():
-            formation = self.deploys.deployments.settings.scale(app, counts)
-        described = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-        return {"formation": formation, **self._release_after(app, "scale", f"scale {described}", True)}
+        lines, say = self._collect()
+        with pipeline_errors(unchanged="the formation is unchanged"):
+            formation, changed = self.deploys.run(self.deploys.deployments.scale(app, counts, say))
+        return {"formation": formation, "changed": changed, "output": lines}
 
     def ps_restart(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)
@@ -161,7 +156,7 @@ class DeployManagement:
         return self.ps_restart(app)
 
     def logs(self, app: str, tail: int = 100, process: str | None = None) -> list[str]:
-        self.apps.authorize(self.actor, app, Role.READ)
+        self.apps.authorize(self.actor, app, Role.WRITE)
         return self.deploys.deployments.logs.tail(app, tail, process)
 
     async def follow_logs(self, app: str, tail: int, process: str | None = None,
@@ -169,11 +164,11 @@ class DeployManagement:
         """`logs -f`: the last `tail` lines (all with 0), then new lines as they are written, until `stop()` or
         the reader goes away. Refuses at once (before the first line) a reader who may not read the app's logs.
         Runs on the daemon's loop, not in a command thread: it lasts as long as the reader."""
-        await asyncio.to_thread(self.apps.authorize, self.actor, app, Role.READ)
+        await asyncio.to_thread(self.apps.authorize, self.actor, app, Role.WRITE)
         return self.deploys.deployments.logs.follow(app, tail, process, stop=stop)
 
     def resources(self, app: str) -> dict:
-        self.apps.authorize(self.actor, app, Role.READ)
+        self.apps.authorize(self.actor, app, Role.WRITE)
         limits = self.deploys.deployments.settings.resources(app)
         return {"app": app, "memory": limits.memory, "cpu": limits.cpu,
                 "enforced_by": self.deploys.deployments.rollout.scheduler.limits_enforcement()}
@@ -192,7 +187,7 @@ class DeployManagement:
     def _restart_if_deployed(self, app: str) -> dict:
         lines, say = self._collect()
         with pipeline_errors():
-            record = self.deploys.run(self.deploys.deployments.restart(app, say))
+            record = self.deploys.run(self.deploys.deployments.restart(app, say, self.actor.name))
         return {"restarted": f"v{record.version}" if record else None, "output": lines}
 
     # domains and deploy settings
@@ -218,8 +213,10 @@ class DeployManagement:
         self.deploys.run(self.deploys.deployments.rollout.reroute(app, hostnames))
         return {"app": app, "domains": hostnames}
 
-    def deploy_info(self, app: str) -> dict:
+    def deploy_info(self, app: str, role: Role | None) -> dict:
+        """The public facts (its URL and live release); for writers also the branch that deploys."""
         latest = self.deploys.deployments.ledger.latest(app)
-        return {"url": self.deploys.deployments.platform.url(app),
-                "deploy_branch": self.deploys.deployments.settings.deploy_branch(app),
-                "release": f"v{latest.version}" if latest else None}
+        info = {"url": self.deploys.deployments.platform.url(app), "release": f"v{latest.version}" if latest else None}
+        if role is not None and role >= Role.WRITE:
+            info["deploy_branch"] = self.deploys.deployments.settings.deploy_branch(app)
+        return info

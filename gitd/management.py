@@ -44,7 +44,7 @@ class Management(DeployManagement):
         return self.apps.create(self.actor, name)
 
     def apps_info(self, name: str) -> dict:
-        return {**self.apps.info(self.actor, name), **self.deploy_info(name)}
+        return {**self.apps.info(self.actor, name), **self.deploy_info(name, self.apps.role(self.actor, name))}
 
     def apps_destroy(self, name: str) -> dict:
         self.apps.authorize(self.actor, name, Role.ADMIN)

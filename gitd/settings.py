@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class Settings(BaseSettings, Limits):
     # from app_uid_base; naming an app_user runs every app as that one user instead.
     app_user: str | None = None
     app_uid_base: int = Field(default=700_000_000, ge=1000, le=4_000_000_000)
+    # The host-wide record of which DevFlow holds each uid (root daemons; pipeline.host_uids): shared by every
+    # daemon on the host, so none gives out a uid another has. reassign_uids gives this daemon's apps whose uid
+    # another daemon holds a fresh one at start, instead of refusing to start.
+    uids_dir: Path = Path("/var/lib/devflow/uids")
+    reassign_uids: bool = False
     # Where builds and dependency caches live; they must be reachable by the app user.
     apps_dir: Path | None = None
 
@@ -52,6 +58,12 @@ class Settings(BaseSettings, Limits):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("uids_dir")
+    @classmethod
+    def _absolute_unresolved(cls, value: Path) -> Path:
+        """Absolute, with links left in place: the daemon refuses a link on the way rather than follow it."""
+        return Path(os.path.abspath(value.expanduser()))
 
     @field_validator("git_backend")
     @classmethod

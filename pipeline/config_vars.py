@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.errors import PipelineInputError
+from pipeline.limits import MAX_ARG_STRLEN, Limits
 from pipeline.schema import ConfigVar
 
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -28,7 +30,23 @@ def check_key(key: str) -> str:
 def check_value(key: str, value: str) -> str:
     if "\x00" in value:
         raise PipelineInputError(f"the value of {key} contains a NUL byte, which no environment can hold")
+    try:
+        size = len(key) + 1 + len(value.encode()) + 1
+    except UnicodeEncodeError:
+        raise PipelineInputError(f"the value of {key} is not valid UTF-8 text") from None
+    if size > MAX_ARG_STRLEN:
+        raise PipelineInputError(f"{key} would take {size} bytes; one environment variable can hold at most "
+                                 f"{MAX_ARG_STRLEN // 1024} KiB (Linux refuses to start a process with a longer one)")
     return value
+
+
+def check_config(values: Mapping[str, str], limits: Limits) -> None:
+    """A whole config as a release would run it: every process gets all of it in its environment."""
+    if len(values) > limits.max_config_vars:
+        raise limits.refuse("max_config_vars", f"{len(values)} config vars")
+    total = sum(len(k) + len(v.encode()) + 2 for k, v in values.items())
+    if total > limits.max_config_bytes:
+        raise limits.refuse("max_config_bytes", f"the config vars would take {total} bytes")
 
 
 class ConfigVars:
@@ -40,22 +58,10 @@ class ConfigVars:
             rows = db.scalars(select(ConfigVar).where(ConfigVar.app == app).order_by(ConfigVar.key))
             return {row.key: row.value for row in rows}
 
-    def set(self, app: str, values: dict[str, str]) -> dict[str, str]:
-        checked = {check_key(k): check_value(k, v) for k, v in values.items()}
-        with self.sessions.begin() as db:
-            for key, value in checked.items():
-                db.merge(ConfigVar(app=app, key=key, value=value))
-        return self.get_all(app)
-
-    def replace(self, app: str, values: dict[str, str]) -> None:
+    def replace(self, app: str, values: Mapping[str, str]) -> None:
         with self.sessions.begin() as db:
             db.execute(delete(ConfigVar).where(ConfigVar.app == app))
             db.add_all(ConfigVar(app=app, key=k, value=v) for k, v in values.items())
-
-    def unset(self, app: str, keys: list[str]) -> dict[str, str]:
-        with self.sessions.begin() as db:
-            db.execute(delete(ConfigVar).where(ConfigVar.app == app, ConfigVar.key.in_(keys)))
-        return self.get_all(app)
 
     def forget(self, app: str) -> None:
         with self.sessions.begin() as db:

@@ -8,13 +8,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from pipeline.errors import PipelineInputError
+from pipeline.limits import Limits
 from pipeline.schema import AppDeploySettings
-from runtime.local.cgroups import Limits
+from runtime.local import cgroups
 
-PROCESS_TYPE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 BRANCH = re.compile(r"^(?!.*\.\.)(?!/)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![/.])$")
-MAX_SCALE = 32
 
 
 class DeploySettings:
@@ -52,24 +51,20 @@ class DeploySettings:
             return dict(row.formation) if row else {}
 
     def scale(self, app: str, counts: dict[str, int]) -> dict[str, int]:
-        for kind, count in counts.items():
-            if not PROCESS_TYPE.fullmatch(kind):
-                raise PipelineInputError(f"invalid process type {kind[:60]!r}")
-            if not 0 <= count <= MAX_SCALE:
-                raise PipelineInputError(f"{kind}={count}: scale between 0 and {MAX_SCALE}")
+        """Store counts the caller checked against the release and the limits (release_env.check_scale)."""
         with self.sessions.begin() as db:
             row = self._row(db, app)
             row.formation = {**(row.formation or {}), **counts}
             return dict(row.formation)
 
-    def resources(self, app: str) -> Limits:
+    def resources(self, app: str) -> cgroups.Limits:
         with self.sessions() as db:
             row = db.get(AppDeploySettings, app)
-            return Limits(**row.resources) if row and row.resources else Limits()
+            return cgroups.Limits(**row.resources) if row and row.resources else cgroups.Limits()
 
-    def set_resources(self, app: str, values: dict[str, str]) -> Limits:
+    def set_resources(self, app: str, values: dict[str, str]) -> cgroups.Limits:
         try:
-            limits = Limits.parse(values)
+            limits = cgroups.Limits.parse(values)
         except ValueError as exc:
             raise PipelineInputError(str(exc)) from None
         with self.sessions.begin() as db:
@@ -90,13 +85,15 @@ class DeploySettings:
             row = db.get(AppDeploySettings, app)
             return list(row.domains) if row else []
 
-    def add_domain(self, app: str, domain: str) -> list[str]:
+    def add_domain(self, app: str, domain: str, limits: Limits) -> list[str]:
         domain = domain.strip().lower().rstrip(".")
         if not DOMAIN.fullmatch(domain):
             raise PipelineInputError(f"invalid domain name {domain[:80]!r}")
         with self.sessions.begin() as db:
             row = self._row(db, app)
             if domain not in row.domains:
+                if len(row.domains) >= limits.max_domains_per_app:
+                    raise limits.refuse("max_domains_per_app", f"{app} has {len(row.domains)} domains already")
                 row.domains = [*row.domains, domain]
             return list(row.domains)
 

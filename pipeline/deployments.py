@@ -1,36 +1,45 @@
 """Deployments: a commit (or a config change, rollback, scale) becomes a live release.
 
-Stages, in order: export, detect, build, release phase, health checks, cutover. One
-deployment per app at a time, in order; a newer push supersedes one still queued; a
-global semaphore bounds concurrent builds. Whatever fails, the live release keeps serving.
+Stages, in order: export, detect, build, release phase, health checks, cutover, postdeploy. One
+deployment per app at a time, in order; a newer push supersedes one still queued; a global
+semaphore bounds concurrent builds. Whatever fails, the live release keeps serving.
+
+Everything here runs on the daemon's event loop: the database, the disk and the logs are reached
+through threads (asyncio.to_thread, ProcessLogs.post), never directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import delete, select, update
 from sqlalchemy.orm import sessionmaker
 
-from pipeline.app_json import AppJson
 from pipeline.app_uids import AppUids
+from pipeline.app_workspace import KEEP_BUILDS, AppWorkspace
 from pipeline.builders import Builder, BuildError
-from pipeline.config_vars import ConfigVars
+from pipeline.config_vars import ConfigVars, check_config, check_key, check_value
 from pipeline.deploy_settings import DeploySettings
+from pipeline.deployment_records import DeploymentRecords
 from pipeline.detect import DetectError, detect
 from pipeline.errors import DeployFailed, PipelineInputError
+from pipeline.limits import Limits
+from pipeline.release_env import (
+    Platform,
+    app_json_record,
+    check_environment,
+    check_formation,
+    check_scale,
+    checks,
+    formation,
+    process_env,
+)
 from pipeline.release_ledger import ReleaseLedger, ReleaseRecord
-from pipeline.schema import Deployment
 from pipeline.tree_export import LocalRepo, export_tree
-from runtime.health import Check
-from runtime.local.app_user import nobody_uid
 from runtime.local.scheduler import LocalScheduler
 from runtime.process_logs import ProcessLogs
 from runtime.rollout import ReleaseSpec, Rollout, RolloutFailed
@@ -38,33 +47,42 @@ from runtime.rollout import ReleaseSpec, Rollout, RolloutFailed
 log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
-KEEP_BUILDS = 5
-OWNER_RECORD = "owner"
-"""In an app's directory, root's: the uid its builds and caches belong to."""
-
-
-def now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+Enter = Callable[[str, str], Awaitable[None]]
+EXPECTED = (DetectError, BuildError, PipelineInputError, DeployFailed, RolloutFailed)
 
 
 @dataclass(frozen=True)
-class Platform:
-    """What the platform tells every process about where it runs."""
+class ConfigChange:
+    """What a config command changed, and the release that put it live (None: stored only)."""
 
-    domain: str
-    router_port: int
+    changed: list[str]
+    release: ReleaseRecord | None
+    note: str = ""
 
-    def url(self, app: str) -> str:
-        port = "" if self.router_port == 80 else f":{self.router_port}"
-        return f"http://{app}.{self.domain}{port}"
+
+@dataclass(frozen=True)
+class _Build:
+    """What a release runs: a build (an artifact and what it needs) with a config."""
+
+    commit: str
+    artifact: str
+    deployment_id: int | None
+    processes: dict[str, str]
+    build_env: dict[str, str]
+    app_json: dict
+
+    @classmethod
+    def of(cls, release: ReleaseRecord) -> _Build:
+        return cls(release.commit, release.artifact, release.deployment_id, release.processes, release.build_env,
+                   release.app_json)
 
 
 class Deployments:
     def __init__(self, sessions: sessionmaker, ledger: ReleaseLedger, config_vars: ConfigVars,
                  settings: DeploySettings, builder: Builder, rollout: Rollout, scheduler: LocalScheduler,
-                 logs: ProcessLogs, workspace: Path, platform: Platform, uids: AppUids, max_builds: int = 2,
-                 ) -> None:
-        self.sessions = sessions
+                 logs: ProcessLogs, workspace: Path, platform: Platform, uids: AppUids, limits: Limits,
+                 max_builds: int = 2) -> None:
+        self.records = DeploymentRecords(sessions)
         self.ledger = ledger
         self.config_vars = config_vars
         self.settings = settings
@@ -72,45 +90,22 @@ class Deployments:
         self.rollout = rollout
         self.scheduler = scheduler
         self.logs = logs
-        self.workspace = workspace
+        self.workspace = AppWorkspace(workspace)
         self.platform = platform
         self.uids = uids
+        self.limits = limits
         self._builds = asyncio.Semaphore(max_builds)
         self._locks: dict[str, asyncio.Lock] = {}
         self._newest_push: dict[str, int] = {}
         self._background: set[asyncio.Task] = set()
 
-    # records
-
-    def _create(self, app: str, commit: str, user: str) -> int:
-        with self.sessions.begin() as db:
-            row = Deployment(app=app, commit=commit, user=user, state="queued", stage="", error="", timings={},
-                             created_at=now())
-            db.add(row)
-            db.flush()
-            return row.id
-
-    def _forget_deployments(self, app: str) -> None:
-        with self.sessions.begin() as db:
-            db.execute(delete(Deployment).where(Deployment.app == app))
-
-    def fail_interrupted(self) -> list[tuple[str, int]]:
-        """At start: deployments a previous daemon left unfinished did not go live; (app, id) of each."""
-        unfinished = Deployment.state.in_(("queued", "building", "releasing"))
-        with self.sessions.begin() as db:
-            interrupted = list(db.execute(select(Deployment.app, Deployment.id).where(unfinished)).tuples())
-            db.execute(update(Deployment).where(unfinished)
-                       .values(state="failed", error="the daemon stopped during this deployment", finished_at=now()))
-        return interrupted
-
-    def _update(self, deployment_id: int, **changes) -> None:
-        with self.sessions.begin() as db:
-            row = db.get(Deployment, deployment_id)
-            for key, value in changes.items():
-                setattr(row, key, value)
-
     def _lock(self, app: str) -> asyncio.Lock:
         return self._locks.setdefault(app, asyncio.Lock())
+
+    # what management commands read and set (in their own threads)
+
+    def history(self, app: str, limit: int = 20) -> list[dict]:
+        return self.records.history(app, limit)
 
     def add_domain(self, app: str, domain: str) -> list[str]:
         """A custom name may not sit under the platform domain (that is another app's) nor be another app's."""
@@ -121,33 +116,19 @@ class Deployments:
         owner = self.settings.domain_owner(name)
         if owner is not None and owner != app:
             raise PipelineInputError(f"{name} is already a domain of another app")
-        return self.settings.add_domain(app, name)
+        return self.settings.add_domain(app, name, self.limits)
 
     def hostnames(self, app: str) -> list[str]:
         return [f"{app}.{self.platform.domain}", *self.settings.domains(app)]
-
-    def _log_path(self, app: str, deployment_id: int) -> Path:
-        path = self.workspace / app / "logs" / f"deploy-{deployment_id}.log"
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # build output is the app's business only
-        return path
-
-    def history(self, app: str, limit: int = 20) -> list[dict]:
-        with self.sessions() as db:
-            rows = db.scalars(select(Deployment).where(Deployment.app == app)
-                              .order_by(Deployment.id.desc()).limit(limit))
-            return [{"id": r.id, "commit": r.commit[:12], "user": r.user, "state": r.state, "stage": r.stage,
-                     "release": f"v{r.release_version}" if r.release_version else None,
-                     "seconds": round(sum(r.timings.values()), 2) if r.timings else None, "timings": r.timings,
-                     "error": r.error, "created_at": r.created_at.isoformat(timespec="seconds")} for r in rows]
 
     # pushes
 
     async def deploy_push(self, app: str, commit: str, user: str, object_env: dict[str, str], say: Say,
                           detach: bool = False, local_repo: LocalRepo = lambda url: None) -> None:
         """Deploy a pushed commit; raises DeployFailed. With detach, returns once queued."""
-        deployment_id = await asyncio.to_thread(self._create, app, commit, user)
+        deployment_id = await asyncio.to_thread(self.records.create, app, commit, user)
         say(f"-----> Deployment #{deployment_id} of {app} at {commit[:12]}")
-        build_dir = self.workspace / app / "builds" / f"{deployment_id}"
+        build_dir = self.workspace.build_dir(app, deployment_id)
         started = time.monotonic()
         try:
             notes = await asyncio.to_thread(export_tree, object_env, commit, build_dir, local_repo)
@@ -155,9 +136,8 @@ class Deployments:
             if not isinstance(exc, DeployFailed):
                 log.exception("exporting %s of %s failed", commit[:12], app)
                 exc = DeployFailed("export", f"internal error ({type(exc).__name__}); the daemon log has the details")
-            await asyncio.to_thread(shutil.rmtree, build_dir, ignore_errors=True)
-            await asyncio.to_thread(self._update, deployment_id, state="failed", stage="export", error=exc.message,
-                                    finished_at=now())
+            await asyncio.to_thread(self.workspace.remove_build, app, deployment_id)
+            await asyncio.to_thread(self.records.fail, deployment_id, "export", exc.message, {})
             raise exc from None
         for note in notes:
             say(f"-----> {note}")
@@ -180,185 +160,262 @@ class Deployments:
 
     async def _run_push(self, app: str, deployment_id: int, commit: str, user: str, build_dir: Path,
                         timings: dict, say: Say) -> None:
-        log_file = self._log_path(app, deployment_id).open("a")
-
         def emit(line: str) -> None:
             say(line)
-            log_file.write(line + "\n")
-            log_file.flush()
-            self.logs.write(app, "build", line)
+            self.logs.post(app, "build", line, deployment_id)
 
         stage = "queued"
 
-        def enter(name: str, state: str) -> float:
+        async def enter(name: str, state: str) -> None:
             nonlocal stage
             stage = name
-            self._update(deployment_id, state=state, stage=name)
-            return time.monotonic()
+            await asyncio.to_thread(self.records.enter, deployment_id, state, name)
 
+        serving = None
         try:
             async with self._lock(app):
+                serving = await self._serving(app)
                 if self._newest_push.get(app) != deployment_id:
-                    self._update(deployment_id, state="cancelled", error="superseded by a newer push",
-                                 finished_at=now())
+                    await asyncio.to_thread(self.records.cancel, deployment_id, "superseded by a newer push")
                     raise DeployFailed("queued", "superseded by a newer push")
-                t = enter("detect", "building")
+                t = time.monotonic()
+                await enter("detect", "building")
                 detection = await asyncio.to_thread(detect, build_dir)
                 for note in detection.notes:
                     emit(f"-----> {note}")
                 timings["detect"] = round(time.monotonic() - t, 3)
-                t = enter("build", "building")
-                cache = self.workspace / app / "cache"
-                sandbox = self.scheduler.sandbox(app)
+                t = time.monotonic()
+                await enter("build", "building")
+                # A new app's uid is allocated here (host-wide, with an fsync): in a thread, as every lookup.
+                sandbox = await asyncio.to_thread(self.scheduler.sandbox, app)
                 if sandbox is not None:
-                    await self._adopt_trees(app)
+                    await asyncio.to_thread(self.workspace.adopt_trees, app, sandbox)
                     await asyncio.to_thread(sandbox.hand_over_tree, build_dir)
+                cache = self.workspace.cache(app)
+                base_env = await asyncio.to_thread(self.scheduler.base_env, app)
                 async with self._builds, self.scheduler.build_sandbox(app, deployment_id) as build_sandbox:
                     result = await self.builder.build(build_dir, detection, cache,
-                                                      {**self.scheduler.base_env(app), "HOME": str(cache / "home")},
+                                                      {**base_env, "HOME": str(cache / "home")},
                                                       lambda line: emit(f"       {line}"), build_sandbox)
                 timings["build"] = round(time.monotonic() - t, 3)
                 processes = dict(result.processes)
                 release_command = processes.pop("release", None)
-                record = await self._release(
-                    app, user, "push", f"deploy {commit[:12]}", emit, timings, enter,
-                    commit=commit, artifact=str(build_dir), processes=processes, build_env=dict(result.env),
-                    config=self.config_vars.get_all(app), app_json=_app_json_dict(detection.app_json),
-                    release_command=release_command,
-                )
-                self._update(deployment_id, state="live", stage="", timings=timings,
-                             release_version=record.version, finished_at=now())
+                config = await asyncio.to_thread(self.config_vars.get_all, app)
+                build = _Build(commit, str(build_dir), deployment_id, processes, dict(result.env),
+                               app_json_record(detection.app_json))
+                record = await self._release(app, user, "push", f"deploy {commit[:12]}", emit, timings, enter,
+                                             build, config, release_command=release_command)
+                await asyncio.to_thread(self.records.went_live, deployment_id, record.version, timings)
                 emit(f"-----> Released v{record.version} in {sum(timings.values()):.1f}s")
-                emit(f"=====> {app} is live at {self.platform.url(app)}")
-                await asyncio.to_thread(self._prune_builds, app, deployment_id)
+                emit(self._live_line(app, record))
+                in_use = await asyncio.to_thread(self.ledger.artifacts_in_use, app, KEEP_BUILDS)
+                await asyncio.to_thread(self.workspace.prune_builds, app, deployment_id, in_use)
         except Exception as exc:
             failed_stage = getattr(exc, "stage", stage)
             message = getattr(exc, "message", str(exc))
-            if not isinstance(exc, (DetectError, BuildError, PipelineInputError, DeployFailed, RolloutFailed)):
+            if not isinstance(exc, EXPECTED):
                 log.exception("deployment #%s of %s failed unexpectedly at %s", deployment_id, app, stage)
                 message = f"internal error ({type(exc).__name__}); the daemon log has the details"
             if not (isinstance(exc, DeployFailed) and exc.stage == "queued"):
-                self._update(deployment_id, state="failed", stage=failed_stage, error=message, timings=timings,
-                             finished_at=now())
+                await asyncio.to_thread(self.records.fail, deployment_id, failed_stage, message, timings)
             for line in message.splitlines():
                 emit(f" !     {line}")
-            emit(f" !     Deployment #{deployment_id} failed at {failed_stage}; the live release keeps serving")
-            shutil.rmtree(build_dir, ignore_errors=True)
+            emit(f" !     Deployment #{deployment_id} failed at {failed_stage}; {_still(serving)}")
+            await asyncio.to_thread(self.workspace.remove_build, app, deployment_id)
             raise DeployFailed(failed_stage, message.splitlines()[0] if message else failed_stage) from None
-        finally:
-            log_file.close()
 
-    # releases of an existing artifact: config changes, rollback, scale, restart
+    def _live_line(self, app: str, record: ReleaseRecord) -> str:
+        if "web" in record.processes:
+            return f"=====> {app} is live at {self.platform.url(app)}"
+        kinds = ", ".join(sorted(record.processes)) or "no processes"
+        return f"=====> {app} v{record.version} runs {kinds}; it has no web process, so nothing is routed to it"
+
+    async def _serving(self, app: str) -> ReleaseRecord | None:
+        """The release that keeps serving if what is under way fails: None when nothing runs."""
+        latest = await asyncio.to_thread(self.ledger.latest, app)
+        stopped = await asyncio.to_thread(self.settings.stopped, app)
+        return None if latest is None or stopped else latest
+
+    # releases
 
     async def _release(self, app: str, user: str, reason: str, description: str, emit: Say, timings: dict,
-                       enter: Callable[[str, str], float], *, commit: str, artifact: str,
-                       processes: dict[str, str], build_env: dict[str, str], config: dict[str, str],
-                       app_json: dict, release_command: str | None = None) -> ReleaseRecord:
-        """Run the release phase, roll out, then record the release. Caller holds the app lock."""
-        latest = self.ledger.latest(app)
+                       enter: Enter, build: _Build, config: Mapping[str, str], *,
+                       release_command: str | None = None) -> ReleaseRecord:
+        """Run the release phase, roll out, run postdeploy, then record the release. Caller holds the app lock.
+
+        The release is recorded only once its processes serve and postdeploy passed: a failure at any stage
+        leaves the ledger, the router and the processes as they were."""
+        latest = await asyncio.to_thread(self.ledger.latest, app)
         version = (latest.version if latest else 0) + 1
-        env = self._process_env(app, version, artifact, build_env, config, app_json)
-        cwd = Path(artifact)
-        t = enter("release", "releasing")
-        for name, command in (("release", release_command), ("predeploy", app_json.get("predeploy"))):
+        env = process_env(await asyncio.to_thread(self.scheduler.base_env, app), self.platform, app, version,
+                          self.scheduler.home(build.artifact), build.build_env, config, build.app_json)
+        check_environment(env)
+        cwd = Path(build.artifact)
+        t = time.monotonic()
+        await enter("release", "releasing")
+        for name, command in (("release", release_command), ("predeploy", build.app_json.get("predeploy"))):
             if command:
                 emit(f"-----> Running {name}: {command}")
                 code = await self.scheduler.run_once(app, name, command, cwd, env, lambda line: emit(f"       {line}"))
                 if code != 0:
                     raise DeployFailed("release phase", f"{name} command exited with status {code}")
         timings["release"] = round(time.monotonic() - t, 3)
-        t = enter("health checks", "releasing")
-        await self.rollout.deploy(self._spec(app, version, cwd, processes, env, app_json),
-                                  lambda line: emit(f"       {line}"))
-        self.settings.set_stopped(app, False)
+        t = time.monotonic()
+        await enter("health checks", "releasing")
+        spec = await asyncio.to_thread(self._spec, app, version, cwd, build.processes, env, build.app_json, None)
+        cutover = await self.rollout.deploy(spec, lambda line: emit(f"       {line}"))
         timings["health checks"] = round(time.monotonic() - t, 3)
-        record = self.ledger.record(app=app, commit=commit, artifact=artifact, processes=processes,
-                                    build_env=build_env, config=config, app_json=app_json, user=user, reason=reason,
-                                    description=description)
-        if app_json.get("postdeploy"):
-            emit(f"-----> Running postdeploy: {app_json['postdeploy']}")
-            code = await self.scheduler.run_once(app, "postdeploy", app_json["postdeploy"], cwd, env,
+        postdeploy = build.app_json.get("postdeploy")
+        if postdeploy:
+            t = time.monotonic()
+            await enter("postdeploy", "releasing")
+            emit(f"-----> Running postdeploy: {postdeploy}")
+            code = await self.scheduler.run_once(app, "postdeploy", postdeploy, cwd, env,
                                                  lambda line: emit(f"       {line}"))
             if code != 0:
-                emit(f" !     postdeploy exited with status {code}; v{version} is live regardless")
+                await cutover.revert()
+                back = f"routed back to v{latest.version}" if latest else "stopped the new processes"
+                raise DeployFailed("postdeploy", f"postdeploy exited with status {code}; {back}")
+            timings["postdeploy"] = round(time.monotonic() - t, 3)
+        record = await asyncio.to_thread(
+            self.ledger.record, app=app, commit=build.commit, artifact=build.artifact,
+            deployment_id=build.deployment_id, processes=build.processes, build_env=build.build_env,
+            config=dict(config), app_json=build.app_json, user=user, reason=reason, description=description)
+        cutover.finish()
+        await asyncio.to_thread(self.settings.set_stopped, app, False)
+        if reason != "push":
+            await asyncio.to_thread(self.records.serving, app, build.deployment_id)
         return record
 
-    async def rerelease(self, app: str, user: str, reason: str, description: str, say: Say, *,
-                        config: dict[str, str] | None = None,
-                        source: ReleaseRecord | None = None) -> ReleaseRecord | None:
-        """A new release of an existing build: config change, rollback, scale, restart. None if never deployed."""
+    async def _rerelease(self, app: str, user: str, reason: str, description: str, say: Say, source: ReleaseRecord,
+                         config: Mapping[str, str]) -> ReleaseRecord:
+        """A new release of an existing build. Caller holds the app lock."""
+        if not await asyncio.to_thread(Path(source.artifact).is_dir):
+            raise PipelineInputError(f"the build of v{source.version} is no longer on disk; push again to rebuild")
+        await self._adopt_trees(app)
+
+        def emit(line: str) -> None:
+            say(line)
+            self.logs.post(app, "release", line)
+
+        async def enter(stage: str, state: str) -> None:
+            return None
+
+        try:
+            record = await self._release(app, user, reason, description, emit, {}, enter, _Build.of(source), config)
+        except RolloutFailed as exc:
+            raise DeployFailed(exc.stage, exc.message) from None
+        emit(f"-----> Released v{record.version} ({reason}); live at {self.platform.url(app)}")
+        return record
+
+    async def change_config(self, app: str, user: str, values: Mapping[str, str], unset: list[str], say: Say,
+                            release: bool = True) -> ConfigChange:
+        """Set and unset config vars. They become the app's config only once a release with them is live: if
+        that release fails, the app keeps the config its live release has, and this raises DeployFailed."""
+        new_values = {check_key(k): check_value(k, v) for k, v in values.items()}
         async with self._lock(app):
-            base = source or self.ledger.latest(app)
-            if base is None:
-                return None
-            if not Path(base.artifact).is_dir():
-                raise PipelineInputError(f"the build of v{base.version} is no longer on disk; push again to rebuild")
-            await self._adopt_trees(app)
+            current = await asyncio.to_thread(self.config_vars.get_all, app)
+            config = {**current, **new_values}
+            for key in unset:
+                config.pop(key, None)
+            check_config(config, self.limits)
+            changed = sorted(k for k in {*config, *current} if config.get(k) != current.get(k))
+            if not changed:
+                return ConfigChange([], None, "no change: the config already has these values")
+            live = await self._serving(app)
+            if not release or live is None:
+                await asyncio.to_thread(self.config_vars.replace, app, config)
+                why = "stored, as asked (--no-restart)" if not release else \
+                    "stored; nothing runs, so the next deploy or ps:start releases it"
+                return ConfigChange(changed, None, why)
+            description = ", ".join(f"{'unset' if k not in config else 'set'} {k}" for k in changed)
+            record = await self._rerelease(app, user, "config", description, say, live, config)
+            await asyncio.to_thread(self.config_vars.replace, app, config)
+            return ConfigChange(changed, record)
 
-            def emit(line: str) -> None:
-                say(line)
-                self.logs.write(app, "release", line)
-
-            try:
-                record = await self._release(
-                    app, user, reason, description, emit, {}, lambda stage, state: time.monotonic(),
-                    commit=base.commit, artifact=base.artifact,
-                    processes=base.processes, build_env=base.build_env,
-                    config=self.config_vars.get_all(app) if config is None else config, app_json=base.app_json,
-                )
-            except RolloutFailed as exc:
-                raise DeployFailed(exc.stage, exc.message) from None
-            emit(f"-----> Released v{record.version} ({reason}); live at {self.platform.url(app)}")
+    async def rollback(self, app: str, version: int, user: str, say: Say) -> ReleaseRecord:
+        """As on Heroku, the old release's config comes back too, and stays for later releases."""
+        async with self._lock(app):
+            target = await asyncio.to_thread(self.ledger.get, app, version)
+            record = await self._rerelease(app, user, "rollback", f"rollback to v{version}", say, target,
+                                           target.config)
+            await asyncio.to_thread(self.config_vars.replace, app, target.config)
             return record
 
-    async def restart(self, app: str, say: Say) -> ReleaseRecord | None:
-        """Fresh processes of the live release, rolled out like a deploy; no new release."""
+    async def restart(self, app: str, say: Say, user: str = "platform") -> ReleaseRecord | None:
+        """Fresh processes of the live release, rolled out like a deploy; None if never deployed. Config stored
+        with --no-restart (or while the app was stopped) goes live now, as a new release."""
         async with self._lock(app):
-            latest = self.ledger.latest(app)
+            latest = await asyncio.to_thread(self.ledger.latest, app)
             if latest is None:
                 return None
-            await self._adopt_trees(app)
-            env = self._process_env(app, latest.version, latest.artifact, latest.build_env, latest.config,
-                                    latest.app_json)
-            try:
-                await self.rollout.deploy(self._spec(app, latest.version, Path(latest.artifact), latest.processes,
-                                                     env, latest.app_json), say)
-            except RolloutFailed as exc:
-                raise DeployFailed(exc.stage, exc.message) from None
-            self.settings.set_stopped(app, False)
+            config = await asyncio.to_thread(self.config_vars.get_all, app)
+            if config != latest.config:
+                return await self._rerelease(app, user, "config", "config stored earlier", say, latest, config)
+            await self._restart(app, latest, say)
             return latest
+
+    async def _restart(self, app: str, latest: ReleaseRecord, say: Say,
+                       formation_override: Mapping[str, int] | None = None) -> None:
+        await self._adopt_trees(app)
+        env = process_env(await asyncio.to_thread(self.scheduler.base_env, app), self.platform, app,
+                          latest.version, self.scheduler.home(latest.artifact), latest.build_env, latest.config,
+                          latest.app_json)
+        spec = await asyncio.to_thread(self._spec, app, latest.version, Path(latest.artifact), latest.processes,
+                                       env, latest.app_json, formation_override)
+        try:
+            cutover = await self.rollout.deploy(spec, say)
+        except RolloutFailed as exc:
+            raise DeployFailed(exc.stage, exc.message) from None
+        cutover.finish()
+        await asyncio.to_thread(self.settings.set_stopped, app, False)
+
+    async def scale(self, app: str, counts: Mapping[str, int], say: Say) -> tuple[dict[str, int], bool]:
+        """ps:scale: the formation (only the live release's process types, within the limits), rolled out
+        without downtime and stored once it runs; no new release, as on Heroku. Returns it, and whether
+        anything changed."""
+        async with self._lock(app):
+            latest = await asyncio.to_thread(self.ledger.latest, app)
+            if latest is None:
+                raise PipelineInputError(f"{app} has not been deployed yet: push it first, then scale")
+            scaled = await asyncio.to_thread(self.settings.formation, app)
+            before = formation(latest.processes, latest.app_json, scaled)
+            check_scale(counts, latest.processes, before, self.limits)
+            after = formation(latest.processes, latest.app_json, {**scaled, **counts})
+            if after == before:
+                return after, False
+            if await self._serving(app) is not None:
+                await self._restart(app, latest, say, formation_override=after)
+            await asyncio.to_thread(self.settings.scale, app, counts)
+            return after, True
 
     async def stop(self, app: str) -> None:
         """ps:stop: the processes stop, and stay stopped across daemon restarts until ps:start or a deploy."""
         async with self._lock(app):
-            self.settings.set_stopped(app, True)
-            await self.rollout.stop_app(app, self.hostnames(app))
-
-    async def rollback(self, app: str, version: int, user: str, say: Say) -> ReleaseRecord | None:
-        """As on Heroku, the old release's config comes back too, and stays for later releases."""
-        target = self.ledger.get(app, version)
-        record = await self.rerelease(app, user, "rollback", f"rollback to v{version}", say,
-                                      config=target.config, source=target)
-        await asyncio.to_thread(self.config_vars.replace, app, target.config)
-        return record
+            await asyncio.to_thread(self.settings.set_stopped, app, True)
+            await self.rollout.stop_app(app, await asyncio.to_thread(self.hostnames, app))
 
     async def restore(self) -> None:
         """At daemon start: what a previous daemon left unfinished fails, its processes are killed and its builds
         removed; then route to app processes that kept running, restart the rest at their last release."""
-        interrupted = await asyncio.to_thread(self.fail_interrupted)
+        interrupted = await asyncio.to_thread(self.records.fail_interrupted)
         await self.scheduler.stop_leftover_tasks()
-        await asyncio.to_thread(self._remove_builds, interrupted)
+        for app, deployment_id in interrupted:
+            await asyncio.to_thread(self.workspace.remove_build, app, deployment_id)
         for app in await asyncio.to_thread(self.ledger.apps):
-            latest = self.ledger.latest(app)
+            latest = await asyncio.to_thread(self.ledger.latest, app)
             if latest is None:
                 continue
-            if self.settings.stopped(app):
-                await self.rollout.stop_app(app, self.hostnames(app))
+            hostnames = await asyncio.to_thread(self.hostnames, app)
+            if await asyncio.to_thread(self.settings.stopped, app):
+                await self.rollout.stop_app(app, hostnames)
                 continue
             # Processes running as another user than the app's now are restarted, not adopted: its files change
             # hands before the new processes start.
-            if not self._owner_changed(app) and await self.rollout.adopt(app, latest.version, self.hostnames(app),
-                                                                         _checks(latest.app_json)):
+            sandbox = await asyncio.to_thread(self.scheduler.sandbox, app)
+            owner_changed = await asyncio.to_thread(self.workspace.owner_changed, app, sandbox)
+            if not owner_changed and await self.rollout.adopt(app, latest.version, hostnames,
+                                                              checks(latest.app_json)):
                 log.info("re-adopted the running processes of %s v%s", app, latest.version)
                 continue
             try:
@@ -366,95 +423,32 @@ class Deployments:
             except (DeployFailed, PipelineInputError) as exc:
                 log.error("could not bring %s back at v%s: %s", app, latest.version, exc)
 
-    def _remove_builds(self, deployments: list[tuple[str, int]]) -> None:
-        """The build directories of interrupted deployments, unless a release took one (the daemon stopped between
-        recording the release and marking the deployment live)."""
-        for app, deployment_id in deployments:
-            build = self.workspace / app / "builds" / str(deployment_id)
-            if build.is_dir() and str(build) not in self.ledger.artifacts_in_use(app, KEEP_BUILDS):
-                shutil.rmtree(build, ignore_errors=True)
-                log.info("removed the build of deployment #%s of %s, which the daemon's stop interrupted",
-                         deployment_id, app)
-
     async def destroy(self, app: str) -> None:
         async with self._lock(app):
             await self.rollout.stop_app(app)
-            shutil.rmtree(self.workspace / app, ignore_errors=True)
-            for store in (self.config_vars, self.settings, self.ledger, self.logs, self.uids):
+            await asyncio.to_thread(self.workspace.remove, app)
+            for store in (self.config_vars, self.settings, self.ledger, self.logs, self.uids, self.records):
                 await asyncio.to_thread(store.forget, app)
-            await asyncio.to_thread(self._forget_deployments, app)
         self._locks.pop(app, None)
         self._newest_push.pop(app, None)
 
     # helpers
 
     async def _adopt_trees(self, app: str) -> None:
-        """The app's builds and caches become its user's if another user made them: DevFlow ran every app as
-        `nobody` before apps had uids of their own, and `--app-user` may change. A record the app cannot write
-        says whose they are."""
-        user = self.scheduler.sandbox(app)
-        previous = self._recorded_owner(app)
-        if user is None or previous == user.uid:
-            return
-        if previous is None:  # made before the record: by the one user every app ran as then
-            previous = nobody_uid()
-        for tree in [self.workspace / app / "cache", *(self.workspace / app / "builds").glob("*")]:
-            if tree.is_dir() and not tree.is_symlink():
-                await asyncio.to_thread(user.hand_over_tree, tree, previous)
-        record = self.workspace / app / OWNER_RECORD
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(f"{user.uid}\n")
-
-    def _owner_changed(self, app: str) -> bool:
-        """The app's trees belong to another user than the one it runs as now (see `_adopt_trees`)."""
-        user = self.scheduler.sandbox(app)
-        return user is not None and self._recorded_owner(app) != user.uid
-
-    def _recorded_owner(self, app: str) -> int | None:
-        try:
-            return int((self.workspace / app / OWNER_RECORD).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def _process_env(self, app: str, version: int, artifact: str, build_env: dict[str, str],
-                     config: dict[str, str], app_json: dict) -> dict[str, str]:
-        # HOME is the app's own directory, as on Heroku (/app): its uid may have no passwd entry to find one.
-        env = {**self.scheduler.base_env(app), "HOME": self.scheduler.home(artifact), **app_json.get("env", {}),
-               **build_env, **config}
-        env.update(DEVFLOW_APP=app, DEVFLOW_RELEASE=f"v{version}", DEVFLOW_URL=self.platform.url(app))
-        return env
+        sandbox = await asyncio.to_thread(self.scheduler.sandbox, app)
+        await asyncio.to_thread(self.workspace.adopt_trees, app, sandbox)
 
     def _spec(self, app: str, version: int, cwd: Path, processes: dict[str, str], env: dict[str, str],
-              app_json: dict) -> ReleaseSpec:
-        return ReleaseSpec(app=app, version=version, cwd=cwd, processes=processes, env=env,
-                           formation=self._formation(app, processes, app_json), hostnames=self.hostnames(app),
-                           healthchecks=_checks(app_json), limits=self.settings.resources(app))
-
-    def _formation(self, app: str, processes: dict[str, str], app_json: dict) -> dict[str, int]:
-        formation = {kind: 1 if kind == "web" else 0 for kind in processes}
-        formation.update({k: v for k, v in app_json.get("formation", {}).items() if k in processes})
-        formation.update({k: v for k, v in self.settings.formation(app).items() if k in processes})
-        return formation
-
-    def _prune_builds(self, app: str, newest: int) -> None:
-        """Keep the builds of recent releases (rollback targets); never touch queued newer ones."""
-        keep = self.ledger.artifacts_in_use(app, KEEP_BUILDS)
-        for build in (self.workspace / app / "builds").glob("*"):
-            if build.name.isdigit() and int(build.name) < newest and str(build) not in keep:
-                shutil.rmtree(build, ignore_errors=True)
+              app_json: dict, formation_override: Mapping[str, int] | None) -> ReleaseSpec:
+        """From a thread: it reads the app's settings."""
+        counts = formation_override or formation(processes, app_json, self.settings.formation(app))
+        check_formation(counts, self.limits)
+        return ReleaseSpec(app=app, version=version, cwd=cwd, processes=processes, env=env, formation=counts,
+                           hostnames=self.hostnames(app), healthchecks=checks(app_json),
+                           limits=self.settings.resources(app))
 
 
-def _app_json_dict(app_json: AppJson) -> dict:
-    """The parts of app.json a release keeps, as plain JSON."""
-    return {
-        "healthchecks": {kind: [asdict(c) for c in checks] for kind, checks in app_json.healthchecks.items()},
-        "predeploy": app_json.predeploy,
-        "postdeploy": app_json.postdeploy,
-        "formation": dict(app_json.formation),
-        "env": dict(app_json.env),
-    }
-
-
-def _checks(app_json: dict) -> dict[str, list[Check]]:
-    """A release's health checks by process type, from the app.json it keeps."""
-    return {kind: [Check(**c) for c in entries] for kind, entries in app_json.get("healthchecks", {}).items()}
+def _still(serving: ReleaseRecord | None) -> str:
+    if serving is None:
+        return "nothing was running before, so nothing is served"
+    return f"the live release v{serving.version} keeps serving"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.errors import PipelineInputError
+
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 # execve refuses one "KEY=value" string over MAX_ARG_STRLEN (32 pages) and the whole environment past about a
 # quarter of the stack limit (2 MiB by default); config vars stay well inside both, with room for the platform's.
@@ -16,7 +18,7 @@ MAX_ARG_STRLEN = 128 * KiB
 CONFIG_BYTES_CEILING = 1 * MiB
 
 
-class LimitExceeded(ValueError):
+class LimitExceeded(PipelineInputError):
     """A request goes over a limit; the message names the limit and the setting that raises it."""
 
 

@@ -19,6 +19,7 @@ class ReleaseRecord:
     version: int
     commit: str
     artifact: str
+    deployment_id: int | None
     processes: dict[str, str]
     build_env: dict[str, str]
     config: dict[str, str]
@@ -39,7 +40,7 @@ class ReleaseRecord:
 
 def _record(row: Release) -> ReleaseRecord:
     return ReleaseRecord(
-        row.app, row.version, row.commit, row.artifact, dict(row.processes), dict(row.build_env),
+        row.app, row.version, row.commit, row.artifact, row.deployment_id, dict(row.processes), dict(row.build_env),
         dict(row.config), dict(row.app_json), row.user, row.reason, row.description, row.created_at,
     )
 
@@ -77,13 +78,15 @@ class ReleaseLedger:
             rows = db.scalars(select(Release).where(Release.app == app).order_by(Release.version.desc()).limit(limit))
             return [_record(r) for r in rows]
 
-    def record(self, *, app: str, commit: str, artifact: str, processes: dict[str, str], build_env: dict[str, str],
-               config: dict[str, str], app_json: dict, user: str, reason: str, description: str) -> ReleaseRecord:
+    def record(self, *, app: str, commit: str, artifact: str, deployment_id: int | None, processes: dict[str, str],
+               build_env: dict[str, str], config: dict[str, str], app_json: dict, user: str, reason: str,
+               description: str) -> ReleaseRecord:
         for _ in range(5):
             try:
                 with self.sessions.begin() as db:
                     version = (db.scalar(select(func.max(Release.version)).where(Release.app == app)) or 0) + 1
-                    row = Release(app=app, version=version, commit=commit, artifact=artifact, processes=processes,
+                    row = Release(app=app, version=version, commit=commit, artifact=artifact,
+                                  deployment_id=deployment_id, processes=processes,
                                   build_env=build_env, config=config, app_json=app_json, user=user, reason=reason,
                                   description=description[:512], created_at=datetime.now(UTC).replace(tzinfo=None))
                     db.add(row)

@@ -53,6 +53,7 @@ class Release(Base):
     version: Mapped[int]
     commit: Mapped[str] = mapped_column(String(64))
     artifact: Mapped[str] = mapped_column(String(1024))  # build directory (native) or image digest
+    deployment_id: Mapped[int | None]  # the deployment that built the artifact (None: built before records)
     processes: Mapped[dict] = mapped_column(JSON)  # process type -> command
     build_env: Mapped[dict] = mapped_column(JSON)  # what the builder says processes need (PATH, ...)
     config: Mapped[dict] = mapped_column(JSON)  # the app's config vars at release time
@@ -70,7 +71,7 @@ class Deployment(Base):
     app: Mapped[str] = mapped_column(String(63), index=True)
     commit: Mapped[str] = mapped_column(String(64))
     user: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16))  # queued building releasing live failed cancelled
+    state: Mapped[str] = mapped_column(String(16))  # queued building releasing live inactive failed cancelled
     stage: Mapped[str] = mapped_column(String(32), default="")
     error: Mapped[str] = mapped_column(Text, default="")
     timings: Mapped[dict] = mapped_column(JSON, default=dict)  # stage -> seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +31,8 @@ class DeployOnPush:
 
     async def __call__(self, event: PushEvent, reply: Reply) -> None:
         pushed = {u.branch for u in event.updates if u.branch}
-        branch = self.settings.deploy_branch(event.app, pushed | _server_branches(event.object_env.get("GIT_DIR")))
+        existing = await asyncio.to_thread(_server_branches, event.object_env.get("GIT_DIR"))
+        branch = await asyncio.to_thread(self.settings.deploy_branch, event.app, pushed | existing)
         for update in event.updates:
             if update.branch != branch:
                 continue

@@ -34,6 +34,41 @@ class ReleaseSpec:
     limits: Limits = Limits()
 
 
+@dataclass(frozen=True)
+class _Routed:
+    """What the router sent an app's traffic to before a cutover: the version and its processes."""
+
+    version: int | None
+    current: set[Instance]
+    checks: Mapping[str, Sequence[Check]]
+
+
+@dataclass
+class Cutover:
+    """A new release serves while the processes it replaces still run: `finish` drains them, `revert` routes
+    back to them and stops the new ones (a postdeploy script failed). One of the two, once."""
+
+    rollout: Rollout
+    app: str
+    replaced: list[Instance]
+    started: list[Instance]
+    before: _Routed
+    done: bool = False
+
+    def finish(self) -> None:
+        self._once()
+        self.rollout._drain(self.replaced)
+
+    async def revert(self) -> None:
+        self._once()
+        await self.rollout._revert(self)
+
+    def _once(self) -> None:
+        if self.done:
+            raise RuntimeError("a cutover is finished or reverted once")
+        self.done = True
+
+
 class RolloutFailed(Exception):
     def __init__(self, stage: str, message: str) -> None:
         super().__init__(f"{stage}: {message}")
@@ -52,11 +87,13 @@ class Rollout:
         self._live: dict[str, int] = {}  # app -> the version the router sends traffic to
         self._current: dict[str, set[Instance]] = {}  # app -> the instances of the live rollout
         self._hostnames: dict[str, Sequence[str]] = {}  # app -> the names it answers to, as last set
+        self._checks: dict[str, Mapping[str, Sequence[Check]]] = {}  # app -> the live release's health checks
         self.liveness = LivenessMonitor(logs)
         self.supervisors = SupervisorWatch(scheduler, lambda: [i for c in self._current.values() for i in c])
 
-    async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> None:
-        """Raise RolloutFailed, having stopped whatever it started, when the new release is not healthy."""
+    async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> Cutover:
+        """Route to the new release once it is healthy; raise RolloutFailed, having stopped whatever it started,
+        when it is not. The processes it replaces keep running until the cutover is finished (or reverted)."""
         self._hostnames[spec.app] = spec.hostnames
         old = await asyncio.to_thread(self.scheduler.instances, spec.app)
         started: list[Instance] = []
@@ -79,22 +116,46 @@ class Rollout:
                 if (await asyncio.to_thread(instance.status)).get("state") == "crashed":
                     raise HealthCheckFailed(f"{instance.name} crashed at start")
         except HealthCheckFailed as exc:
-            tail = await asyncio.to_thread(self.logs.tail, spec.app, 10, None)
+            # What the new processes said as they started, not what earlier releases logged.
+            tail = await asyncio.to_thread(_startup_output, started, 10)
             await asyncio.gather(*(self.scheduler.stop(i) for i in started))
             raise RolloutFailed("health checks", str(exc) + ("\n" + "\n".join(tail) if tail else "")) from None
         except BaseException:
             await asyncio.gather(*(self.scheduler.stop(i) for i in started), return_exceptions=True)
             raise
+        before = _Routed(self._live.get(spec.app), self._current.get(spec.app, set()), self._checks.get(spec.app, {}))
         hostnames = self._hostnames.get(spec.app, spec.hostnames)  # a domains:add during the checks counts
         # The new release is live from here, noted before the router has it: a reroute while this waits sends
         # the new processes. The router's changes cannot be taken back, only finished.
-        self._live[spec.app] = spec.version
-        self._current[spec.app] = set(started)
-        self.supervisors.ensure_running()
-        self.liveness.watch(spec.app, started, spec.healthchecks)
+        self._note_live(spec.app, spec.version, started, spec.healthchecks)
         await self.router.set_app(spec.app, hostnames, _upstreams(web))
         say(f"routing {', '.join(hostnames)} to v{spec.version}" + ("" if web else " (no web process)"))
-        self._drain(old)
+        return Cutover(self, spec.app, old, started, before)
+
+    def _note_live(self, app: str, version: int | None, instances: Iterable[Instance],
+                   healthchecks: Mapping[str, Sequence[Check]]) -> None:
+        instances = list(instances)
+        if version is None:
+            self._live.pop(app, None)
+        else:
+            self._live[app] = version
+        self._current[app] = set(instances)
+        self._checks[app] = healthchecks
+        self.supervisors.ensure_running()
+        self.liveness.watch(app, instances, healthchecks)
+
+    async def _revert(self, cutover: Cutover) -> None:
+        """Back to the processes the cutover replaced (still running), and the new ones stopped."""
+        app, before = cutover.app, cutover.before
+        running = await asyncio.to_thread(lambda: [i for i in cutover.replaced if i.alive()])
+        previous = [i for i in running if i in before.current]
+        self._note_live(app, before.version, previous, before.checks)
+        if before.version is None:
+            await self.router.remove_app(app)
+        else:
+            await self.router.set_app(app, self._hostnames.get(app, ()), _upstreams(
+                i for i in previous if i.process_type == "web"))
+        await asyncio.gather(*(self.scheduler.stop(i) for i in cutover.started), return_exceptions=True)
 
     def _drain(self, old: list[Instance]) -> None:
         """Requests in flight on the old processes finish; then they get SIGTERM."""
@@ -129,10 +190,7 @@ class Rollout:
             return False  # none of it runs (nothing is left, or the machine rebooted): it is to start afresh
         stale = [i for i in instances if i not in current]
         self._hostnames[app] = hostnames
-        self._live[app] = version
-        self._current[app] = set(current)
-        self.supervisors.ensure_running()
-        self.liveness.watch(app, current, healthchecks)
+        self._note_live(app, version, current, healthchecks)
         await self.router.set_app(app, hostnames, _upstreams(i for i in current if i.process_type == "web"
                                                              and states[i] != "crashed"))
         self._drain(stale)
@@ -150,6 +208,7 @@ class Rollout:
         self._live.pop(app, None)
         self._current.pop(app, None)
         self._hostnames.pop(app, None)
+        self._checks.pop(app, None)
         self.liveness.forget(app)
         if hostnames is None:
             await self.router.remove_app(app)
@@ -168,6 +227,10 @@ class Rollout:
                 record["state"] = "draining"
             records.append((instance not in current, record))
         return [record for _, record in sorted(records, key=lambda pair: pair[0])]
+
+
+def _startup_output(instances: Iterable[Instance], lines: int) -> list[str]:
+    return [line for instance in instances for line in instance.startup_output(lines)]
 
 
 def _upstreams(web: Iterable[Instance]) -> list[tuple[str, int]]:

@@ -215,6 +215,16 @@ def cgit_daemon(tmp_path_factory) -> Iterator[Daemon]:
     stop_daemon(d)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_uids_record(tmp_path_factory) -> Iterator[Path]:
+    """Root daemons claim their apps' uids in a host-wide record: the tests' daemons share one of this run's own
+    rather than the host's /var/lib/devflow/uids, which would keep every test app's uid forever."""
+    record = tmp_path_factory.mktemp("host-uids") / "uids"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEVFLOW_UIDS_DIR", str(record))
+        yield record
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -17,6 +17,7 @@ from gitd.errors import Conflict, InvalidInput, NotFound
 from gitd.identity import directory as directory_module
 from gitd.identity.directory import Directory, check_user_name, now
 from gitd.identity.public_keys import parse_public_key
+from pipeline.limits import Limits
 
 
 def ssh_keygen_fingerprint(pub: Path) -> str:
@@ -106,7 +107,7 @@ def test_refuses_empty(text: str) -> None:
 @pytest.fixture
 def state(tmp_path: Path) -> tuple[Directory, Path]:
     db = tmp_path / "state.db"
-    return Directory(open_state(f"sqlite:///{db}")), db
+    return Directory(open_state(f"sqlite:///{db}"), Limits()), db
 
 
 def test_key_belongs_to_its_user_and_is_unique(state: tuple[Directory, Path], tmp_path: Path) -> None:
@@ -216,3 +217,23 @@ def test_invalid_user_name_never_reaches_the_database(state: tuple[Directory, Pa
     with pytest.raises(InvalidInput, match="invalid user name"):
         directory.add_key("../Admin", pub)
     assert directory.list_users() == [] and directory.list_keys() == []
+
+
+def test_keys_and_tokens_per_user_are_bounded(tmp_path: Path) -> None:
+    directory = Directory(open_state(f"sqlite:///{tmp_path / 'state.db'}"), Limits(max_keys_per_user=2,
+                                                                                     max_tokens_per_user=2))
+    for name in ("k1", "k2"):
+        directory.add_key("alice", keygen(tmp_path / name).with_suffix(".pub").read_text())
+    third = keygen(tmp_path / "k3").with_suffix(".pub").read_text()
+    with pytest.raises(InvalidInput, match=r"has 2 SSH keys already.*--max-keys-per-user"):
+        directory.add_key("alice", third)
+    assert len(directory.list_keys("alice")) == 2
+    directory.add_key("bob", third)  # the bound is per user
+
+    first = directory.create_token("alice")
+    directory.create_token("alice")
+    with pytest.raises(InvalidInput, match=r"has 2 active tokens already.*--max-tokens-per-user"):
+        directory.create_token("alice")
+    assert len(directory.list_tokens("alice")) == 2
+    directory.revoke_token(first["id"])  # a revoked token no longer counts
+    directory.create_token("alice")

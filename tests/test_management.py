@@ -85,7 +85,7 @@ def test_ssh_apps_create_list_info_destroy(cgit_daemon: Daemon) -> None:
 
     listing = ok(d.ssh("apps:list"))
     assert listing.splitlines()[0].split() == ["NAME", "ROLE", "OWNER", "CREATED_AT"]
-    assert any(line.split()[:3] == ["ssh-app", "admin", "admin"] for line in listing.splitlines()[1:])
+    assert any(line.split()[:3] == ["ssh-app", "owner", "admin"] for line in listing.splitlines()[1:])
     assert "ssh-app" in [a["name"] for a in ssh_json(d, "apps:list")]
 
     info = ssh_json(d, "apps:info", "ssh-app")

@@ -276,7 +276,7 @@ def test_a_name_added_while_a_rollout_waits_for_the_router_goes_to_the_new_relea
                            hostnames=["demo.localhost"])
 
     async def scenario() -> list[dict]:
-        await rollout.deploy(release(1), lambda line: None)
+        (await rollout.deploy(release(1), lambda line: None)).finish()
         [pid] = pids(run_dir)
         freeze(pid)  # the switch to v2 waits for the control timeout and a new router
         deploying = asyncio.ensure_future(rollout.deploy(release(2), lambda line: None))
@@ -285,7 +285,7 @@ def test_a_name_added_while_a_rollout_waits_for_the_router_goes_to_the_new_relea
             await asyncio.sleep(0.05)
         assert not deploying.done()  # v2 passed its checks; the router has not switched yet
         await rollout.reroute("demo", ["demo.localhost", "www.demo.test"])
-        await deploying
+        (await deploying).finish()
         await asyncio.sleep(0.5)  # past the drain: v1 is stopped
         return rollout.processes("demo")
 

@@ -179,6 +179,10 @@ def _shell_quote(value: str) -> str:
 
 
 def _plain(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_plain(v)}" for k, v in value.items()) or "(none)"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, list):
         return ", ".join(_plain(v) if not isinstance(v, dict) else " ".join(map(str, v.values())) for v in value)
     return "" if value is None else str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from gitd.apps import AppRegistry
@@ -33,7 +34,9 @@ class PushGate:
         await self.receiver.receive(event, reply)
 
     async def _check_protected(self, app: str, update: RefUpdate, object_env: dict[str, str]) -> None:
-        if update.branch is None or update.created or not self.apps.is_protected(app, update.branch):
+        if update.branch is None or update.created:
+            return
+        if not await asyncio.to_thread(self.apps.is_protected, app, update.branch):
             return
         if update.deleted:
             raise PushRejected(f"branch {update.branch} is protected and cannot be deleted")

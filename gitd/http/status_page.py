@@ -21,9 +21,11 @@ class ServiceInfo:
     http_url: str
     host_key_fingerprint: str
     git_backend: str
+    known_hosts_line: str
 
 
 def status_routes(info: ServiceInfo) -> list[Route]:
+    TEMPLATES.get_template("status.html")  # read from disk now, not on the event loop at the first request
     async def page(request: Request) -> Response:
         return TEMPLATES.TemplateResponse(request, "status.html", asdict(info))
 

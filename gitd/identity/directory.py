@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime
 
 import asyncssh
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gitd.errors import Conflict, InvalidInput, NotFound
@@ -14,6 +14,7 @@ from gitd.identity import tokens
 from gitd.identity.public_keys import fingerprint_of, parse_public_key
 from gitd.identity.roles import Actor
 from gitd.schema import SSHKey, Token, User
+from pipeline.limits import Limits
 
 USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -64,8 +65,9 @@ def user_record(user: User) -> dict:
 
 
 class Directory:
-    def __init__(self, sessions: sessionmaker) -> None:
+    def __init__(self, sessions: sessionmaker, limits: Limits) -> None:
         self.sessions = sessions
+        self.limits = limits
 
     # users
 
@@ -124,6 +126,10 @@ class Directory:
                 user = self._ensure_user(db, user_name, admin)
             else:
                 user = self._user(db, user_name)
+            count = db.scalar(select(func.count()).select_from(SSHKey).where(SSHKey.user_id == user.id))
+            if count >= self.limits.max_keys_per_user:
+                raise InvalidInput(str(self.limits.refuse(
+                    "max_keys_per_user", f"user {user.name} has {count} SSH keys already; remove one first")))
             key = SSHKey(
                 user=user,
                 fingerprint=parsed.fingerprint,
@@ -178,6 +184,12 @@ class Directory:
         secret = tokens.new_token()
         with self.sessions.begin() as db:
             user = self._ensure_user(db, user_name, False) if create_user else self._user(db, user_name)
+            active = db.scalar(select(func.count()).select_from(Token).where(
+                Token.user_id == user.id, Token.revoked_at.is_(None),
+                or_(Token.expires_at.is_(None), Token.expires_at > now())))
+            if active >= self.limits.max_tokens_per_user:
+                raise InvalidInput(str(self.limits.refuse(
+                    "max_tokens_per_user", f"user {user.name} has {active} active tokens already; revoke one first")))
             token = Token(
                 user=user,
                 digest=tokens.digest(secret),

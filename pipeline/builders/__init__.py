@@ -27,9 +27,12 @@ class BuildResult:
 
 
 class Sandbox(Protocol):
-    """Where one build's tools run (runtime.local.build_sandbox.BuildSandbox): in the build's unit, which is killed
-    whole when the build ends (and by the next daemon if this one dies), as the app's unprivileged user under a
-    root daemon. The deployment makes it, and ends it, around the build."""
+    """Where an app's build tools run and whose its trees are: its unprivileged user under a root daemon
+    (runtime.local.app_user.AppUser), and for a build, the build's unit too, killed whole when the build ends
+    and by the next daemon if this one dies (runtime.local.build_sandbox.BuildSandbox, which the deployment
+    makes and ends around the build)."""
+
+    uid: int
 
     @property
     def preexec(self) -> Callable[[], None]:
@@ -39,6 +42,10 @@ class Sandbox(Protocol):
 
     def hand_over(self, directory: Path) -> None:
         """Create `directory` if missing and give it (not its contents) to the user, if there is one."""
+        ...
+
+    def hand_over_tree(self, directory: Path, only_from: int | None = None) -> None:
+        """Give a tree to the user (with `only_from`, only what that uid owns), never following a link."""
         ...
 
 

@@ -33,8 +33,16 @@ class BuildSandbox:
             self.user.drop_privileges()
         die_with_parent(self.parent)
 
+    @property
+    def uid(self) -> int:
+        return self.user.uid if self.user is not None else os.geteuid()
+
     def hand_over(self, directory: Path) -> None:
         if self.user is not None:
             self.user.hand_over(directory)
         else:
             directory.mkdir(parents=True, exist_ok=True)
+
+    def hand_over_tree(self, directory: Path, only_from: int | None = None) -> None:
+        if self.user is not None:
+            self.user.hand_over_tree(directory, only_from)

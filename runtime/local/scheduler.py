@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SUPERVISOR = "runtime.local.supervisor"
 RESTART_REQUEST = "restart-requested"
 """In an instance's directory: the supervisor is to take the process's next exit as a restart asked for."""
+STARTUP_OUTPUT = "startup.log"
+"""In an instance's directory: the first lines its process printed, which explain a failed start."""
 LAUNCH_PLAN = "launch.json"
 RUN_ONCE_TIMEOUT = 3600.0  # release phase and deploy scripts, as Heroku allows
 ENDED = ("crashed", "stopped")
@@ -84,6 +86,14 @@ class Instance:
 
     def withdraw_restart_request(self) -> None:
         (self.directory / RESTART_REQUEST).unlink(missing_ok=True)
+
+    def startup_output(self, lines: int) -> list[str]:
+        """The last `lines` of what the process printed first (bounded by the supervisor), named as in the log."""
+        try:
+            text = (self.directory / STARTUP_OUTPUT).read_text(errors="replace")
+        except OSError:
+            return []
+        return [f"{self.name} | {line}" for line in text.splitlines()[-lines:]]
 
     def status(self) -> dict:
         try:
@@ -177,6 +187,7 @@ class LocalScheduler:
             "log": str(self.logs.path(instance.app)), "log_max_bytes": self.logs.max_bytes,
             "status": str(instance.directory / "status.json"),
             "restart_request": str(instance.directory / RESTART_REQUEST),
+            "startup_output": str(instance.directory / STARTUP_OUTPUT),
             "launch": str(instance.directory / LAUNCH_PLAN), "unit": unit.to_json(), "limits": limits.as_dict(),
             "stop_timeout": self.stop_timeout,
         })
@@ -327,7 +338,7 @@ class LocalScheduler:
         """Where the build of `deployment` runs (pipeline.builders.Sandbox); what it leaves is killed when it ends."""
         unit = await asyncio.to_thread(self.units.create, self.units.of_task(f"build-{deployment}"))
         try:
-            yield BuildSandbox(unit, self.sandbox(app))
+            yield BuildSandbox(unit, await asyncio.to_thread(self.sandbox, app))
         finally:
             await asyncio.to_thread(_end, unit)
 
@@ -340,7 +351,7 @@ class LocalScheduler:
         """
         unit = self.units.of_task(f"{name}-{app}-{secrets.token_hex(3)}")
         plan = unit.record / LAUNCH_PLAN
-        await asyncio.to_thread(self._prepare_task, unit, plan, self._plan(app, name, command, cwd, env, unit))
+        await asyncio.to_thread(self._prepare_task, unit, plan, app, name, command, cwd, env)
         argv, launcher_env = launcher.command(plan, os.getpid())
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -379,9 +390,10 @@ class LocalScheduler:
             await asyncio.to_thread(_end, unit)
             await proc.wait()
 
-    def _prepare_task(self, unit: ProcessUnit, plan: Path, content: dict) -> None:
+    def _prepare_task(self, unit: ProcessUnit, plan: Path, app: str, name: str, command: str, cwd: Path,
+                      env: dict[str, str]) -> None:
         self.units.create(unit)
-        _write_private(plan, content)
+        _write_private(plan, self._plan(app, name, command, cwd, env, unit))
 
     async def stop_leftover_tasks(self) -> None:
         """At daemon start: the builds and one-offs a previous daemon left (it was killed, or the machine went

@@ -33,6 +33,7 @@ from runtime.rotating_log import DEFAULT_MAX_BYTES, RotatingLog
 PR_SET_CHILD_SUBREAPER = 36
 WAITED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 STRAY_ROUNDS = 50  # a process that keeps forking while it is killed gets this many sweeps, 20 ms apart
+STARTUP_OUTPUT_BYTES = 64 * 1024  # what a failed start shows comes first; a chatty process stops adding early
 
 
 class Supervisor:
@@ -58,8 +59,21 @@ class Supervisor:
         self.log.write(f"{prefix(self.name)}{text}\n".encode())
 
     def _pump(self, stream) -> None:
+        startup = self._startup_output()
         for raw in iter(stream.readline, b""):
-            self.log.write(prefix(self.name).encode() + raw.rstrip(b"\n") + b"\n")
+            line = raw.rstrip(b"\n") + b"\n"
+            self.log.write(prefix(self.name).encode() + line)
+            if startup is not None:
+                startup = _append_bounded(startup, line)
+        if startup is not None:
+            os.close(startup)
+
+    def _startup_output(self) -> int | None:
+        """The instance's startup.log, begun afresh by each start of the process (its own directory is root's)."""
+        path = self.spec.get("startup_output")
+        if not path:
+            return None
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
     def _drain_output(self) -> None:
         """The child's last lines (its goodbye on SIGTERM, a crash trace) reach the log before we go on."""
@@ -194,6 +208,15 @@ class Supervisor:
             self.start_child()
         self.write_status(state="stopped", child_pid=None)
         return 0
+
+
+def _append_bounded(fd: int, line: bytes) -> int | None:
+    """Add `line` to the startup output; past its bound the file is closed and kept as it is."""
+    if os.fstat(fd).st_size + len(line) > STARTUP_OUTPUT_BYTES:
+        os.close(fd)
+        return None
+    os.write(fd, line)
+    return fd
 
 
 def _children() -> list[int]:

@@ -1,9 +1,9 @@
 """The Router role as the daemon plays it: the built-in router in a process of its own (runtime.router.standalone).
 
 The process outlives the daemon, as app processes do, so apps stay reachable while the daemon restarts. A
-starting daemon adopts a running router that runs the same code on the same address. A router with other
-code on that address hands its listening socket to a successor, which has every route before it accepts a
-connection; one on another address is retired.
+starting daemon adopts a running router that runs the same code on the same address as the same uid. A router
+with other code (or as another uid) on that address hands its listening socket to a successor, which has every
+route before it accepts a connection; one on another address is retired.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class RouterProcess:
     def _adopt_or_launch(self, routers: list[tuple[ControlClient, dict]]) -> None:
         address = resolve(self.host, self.port)
         hellos = dict(routers)
-        keep = next((client for client, hello in routers if _adoptable(hello, address)), None)
+        keep = next((client for client, hello in routers
+                     if _adoptable(hello, address) and (self.uid is None or _runs_as(client.pid) == self.uid)), None)
         if keep is not None:
             self._client, self._routes = keep, _mirror(hellos[keep])
             self.port = hellos[keep]["listening"][1]
@@ -271,6 +272,16 @@ def _adoptable(hello: dict, address: tuple[str, int]) -> bool:
     listening = hello["listening"]
     return (hello["version"] == code_version() and listening is not None and listening[0] == address[0]
             and (address[1] == 0 or listening[1] == address[1]))
+
+
+def _runs_as(pid: int) -> int | None:
+    """The one uid a process runs as (real, effective, saved and filesystem alike), else None."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    uids = set(next((line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")), []))
+    return int(uids.pop()) if len(uids) == 1 else None
 
 
 def _mirror(hello: dict) -> Routes:
