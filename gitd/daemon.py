@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -30,6 +31,7 @@ from gitd.git.push_gate import PushGate
 from gitd.git.push_sessions import PushSessions
 from gitd.git.repositories import Repositories
 from gitd.http.app import build_app
+from gitd.http.bounded_protocol import BoundedHttpToolsProtocol
 from gitd.http.status_page import ServiceInfo
 from gitd.identity.directory import Directory
 from gitd.identity.public_keys import fingerprint_of
@@ -161,7 +163,7 @@ class Daemon:
         deploy_settings = DeploySettings(sessions)
         self.deployments = Deployments(
             sessions, ReleaseLedger(sessions), ConfigVars(sessions), deploy_settings,
-            NativeBuilder(settings.extra_ca_certs),
+            NativeBuilder(settings.extra_ca_certs, limits=self.limits),
             self.rollout, scheduler, logs,
             self.apps_root, Platform(settings.domain, settings.router_port), uids, self.limits,
             max_builds=settings.max_concurrent_builds,
@@ -212,9 +214,9 @@ class Daemon:
             host_key_fingerprint=fingerprint_of(self.host_key), git_backend=self.backend.name,
             known_hosts_line=known_hosts_line(s.host, ssh_port, self.host_key),
         )
-        app = build_app(info, self.directory, self.git, self.management_for)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=10)
+        app = build_app(info, self.directory, self.git, self.management_for, self.limits)
+        config = uvicorn.Config(app, http=functools.partial(BoundedHttpToolsProtocol, limits=self.limits),
+                                log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10)
         http = _EmbeddedUvicorn(config)
         http_task = asyncio.create_task(http.serve(sockets=[http_sock]))
 

@@ -1,7 +1,7 @@
 """app.json parsing: the Heroku and Dokku keys DevFlow acts on, validated up front.
 
 A typo in app.json should fail the push with the key's path, not surface later as a
-health check that silently never ran.
+health check that silently never ran. Like Dokku, app.json may have comments and trailing commas.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.json_documents import JsonDocumentError, parse_json
+from pipeline.limits import Limits
 from runtime.health import Check as HealthCheck
 
 CHECK_TYPES = ("startup", "liveness", "readiness")
@@ -34,18 +36,18 @@ class AppJson:
     cron: list[dict] = field(default_factory=list)
 
 
-def parse_app_json(text: str) -> AppJson:
+def parse_app_json(text: str, limits: Limits) -> AppJson:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AppJsonError(f"app.json is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        data = parse_json(text, "app.json", comments=True)
+    except JsonDocumentError as exc:
+        raise AppJsonError(str(exc)) from None
     _expect(data, dict, "the top level", "an object")
     dokku_scripts = _object(_object(data, "scripts", "scripts"), "dokku", "scripts.dokku")
     return AppJson(
-        healthchecks=_healthchecks(data.get("healthchecks")),
+        healthchecks=_healthchecks(data.get("healthchecks"), limits),
         predeploy=_optional_command(dokku_scripts, "predeploy", "scripts.dokku.predeploy"),
         postdeploy=_optional_command(dokku_scripts, "postdeploy", "scripts.dokku.postdeploy"),
-        formation=_formation(data.get("formation")),
+        formation=_formation(data.get("formation"), limits),
         env=_env(data.get("env")),
         cron=_cron(data.get("cron")),
     )
@@ -91,10 +93,16 @@ def _number(check: dict, key: str, path: str, default: float, minimum: float, in
     return value
 
 
-def _healthchecks(value: Any) -> dict[str, list[HealthCheck]]:
+def _at_most(limits: Limits, name: str, count: int, what: str) -> None:
+    if count > getattr(limits, name):
+        raise AppJsonError(str(limits.refuse(name, f"app.json: {what}")))
+
+
+def _healthchecks(value: Any, limits: Limits) -> dict[str, list[HealthCheck]]:
     if value is None:
         return {}
     _expect(value, dict, "healthchecks", "an object of process type -> list of checks")
+    _at_most(limits, "max_process_types", len(value), f"healthchecks names {len(value)} process types")
     result: dict[str, list[HealthCheck]] = {}
     for kind, checks in value.items():
         _process_type(kind, f"healthchecks.{kind}")
@@ -130,15 +138,19 @@ def _healthcheck(check: Any, kind: str, path: str) -> HealthCheck:
     )
 
 
-def _formation(value: Any) -> dict[str, int]:
+def _formation(value: Any, limits: Limits) -> dict[str, int]:
     if value is None:
         return {}
     _expect(value, dict, "formation", "an object of process type -> {\"quantity\": n}")
+    _at_most(limits, "max_process_types", len(value), f"formation names {len(value)} process types")
     result: dict[str, int] = {}
     for kind, entry in value.items():
         _process_type(kind, f"formation.{kind}")
         _expect(entry, dict, f"formation.{kind}", "an object like {\"quantity\": 1}")
         result[kind] = _number(entry, "quantity", f"formation.{kind}", 1, 0, integer=True)
+        _at_most(limits, "max_replicas_per_type", result[kind], f"formation.{kind}.quantity is {result[kind]}")
+    _at_most(limits, "max_replicas_per_app", sum(result.values()),
+             f"formation asks for {sum(result.values())} processes in all")
     return result
 
 

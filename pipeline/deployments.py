@@ -180,7 +180,7 @@ class Deployments:
                     raise DeployFailed("queued", "superseded by a newer push")
                 t = time.monotonic()
                 await enter("detect", "building")
-                detection = await asyncio.to_thread(detect, build_dir)
+                detection = await asyncio.to_thread(detect, build_dir, self.limits)
                 for note in detection.notes:
                     emit(f"-----> {note}")
                 timings["detect"] = round(time.monotonic() - t, 3)
@@ -192,10 +192,12 @@ class Deployments:
                     await asyncio.to_thread(self.workspace.adopt_trees, app, sandbox)
                     await asyncio.to_thread(sandbox.hand_over_tree, build_dir)
                 cache = self.workspace.cache(app)
-                base_env = await asyncio.to_thread(self.scheduler.base_env, app)
+                # As on Heroku, the build sees the app's config vars (Django's collectstatic needs its settings);
+                # the platform's PATH and locale win over them.
+                build_env = {**await asyncio.to_thread(self.config_vars.get_all, app),
+                             **await asyncio.to_thread(self.scheduler.base_env, app), "HOME": str(cache / "home")}
                 async with self._builds, self.scheduler.build_sandbox(app, deployment_id) as build_sandbox:
-                    result = await self.builder.build(build_dir, detection, cache,
-                                                      {**base_env, "HOME": str(cache / "home")},
+                    result = await self.builder.build(build_dir, detection, cache, build_env,
                                                       lambda line: emit(f"       {line}"), build_sandbox)
                 timings["build"] = round(time.monotonic() - t, 3)
                 processes = dict(result.processes)

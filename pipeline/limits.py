@@ -16,6 +16,14 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 # quarter of the stack limit (2 MiB by default); config vars stay well inside both, with room for the platform's.
 MAX_ARG_STRLEN = 128 * KiB
 CONFIG_BYTES_CEILING = 1 * MiB
+# Files the daemon reads in a pushed tree whose size no setting needs: a version or a directory name on one line
+# (.python-version, runtime.txt, .static), and a module scanned for a WSGI app (larger ones are not scanned).
+MARKER_FILE_BYTES = 4 * KiB
+SCANNED_SOURCE_BYTES = 1 * MiB
+# JSON the daemon parses (app.json, package.json) nests a handful of levels; the parser recurses, so bound it.
+MAX_JSON_DEPTH = 64
+# requirements.txt files included with -r/-c that the daemon reads for the cache key; beyond, pip alone reads them.
+MAX_REQUIREMENT_FILES = 100
 
 
 class LimitExceeded(PipelineInputError):
@@ -37,6 +45,9 @@ class Limits(BaseModel):
     # what a push or a command describes
     max_procfile_bytes: int = Field(64 * KiB, ge=KiB, description="largest Procfile, in bytes")
     max_app_json_bytes: int = Field(256 * KiB, ge=KiB, description="largest app.json, in bytes")
+    max_manifest_bytes: int = Field(64 * MiB, ge=MiB, description="largest dependency manifest or lockfile a build "
+                                                                  "reads (package-lock.json, requirements.txt with "
+                                                                  "what it includes, go.mod...), in bytes")
     max_process_types: int = Field(32, ge=1, description="most process types one app may declare")
     max_replicas_per_type: int = Field(32, ge=1, description="most processes of one type (ps:scale, formation)")
     max_replicas_per_app: int = Field(64, ge=1, description="most processes of one app, all types together")
@@ -55,9 +66,15 @@ class Limits(BaseModel):
     max_api_body_bytes: int = Field(1 * MiB, ge=4 * KiB, description="largest REST API request body, in bytes")
     max_fetch_request_bytes: int = Field(128 * MiB, ge=MiB, description="largest (inflated) body of a fetch or "
                                                                         "clone request over HTTP, in bytes")
+    max_request_headers: int = Field(100, ge=16, description="most header fields in one HTTP request (431 past "
+                                                             "it)")
+    max_pipelined_requests: int = Field(16, ge=1, description="most HTTP requests a client may send ahead of the "
+                                                              "answers on one connection (the connection closes "
+                                                              "past it)")
+    max_http_connections: int = Field(256, ge=1, description="most HTTP connections open at once (503 past it)")
     request_head_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request head")
     request_idle_timeout: float = Field(60.0, gt=0, description="seconds a client may pause while sending a "
-                                                                "request body")
+                                                                "request body or reading an answer")
     # what one app keeps on disk
     log_max_bytes: int = Field(16 * MiB, ge=64 * KiB, description="an app's log is rotated to app.log.1 past this "
                                                                   "size, in bytes")
@@ -71,8 +88,13 @@ class Limits(BaseModel):
 
 
 def _shown(name: str, value: float) -> str:
-    if not name.endswith("_bytes"):
-        return f"{value:g}"
+    if name.endswith("_timeout"):
+        return f"{value:g} seconds"
+    return byte_size(int(value)) if name.endswith("_bytes") else f"{value:g}"
+
+
+def byte_size(value: int) -> str:
+    """A size as people write it: 64 KiB, 2 GiB, 1000 bytes."""
     for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if value >= size and value % size == 0:
             return f"{value // size} {unit}"

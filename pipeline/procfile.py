@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from pipeline.limits import Limits
+
 LINE = re.compile(r"^(?P<type>[A-Za-z0-9_-]+):\s*(?P<command>.*)$")
 
 
@@ -11,7 +13,7 @@ class ProcfileError(ValueError):
     """The Procfile is malformed; the message names the line so the user can fix it."""
 
 
-def parse_procfile(text: str) -> dict[str, str]:
+def parse_procfile(text: str, limits: Limits) -> dict[str, str]:
     """Process type -> shell command, in file order.
 
     Heroku's own parser skips lines it cannot read; we refuse them instead, because a
@@ -30,6 +32,8 @@ def parse_procfile(text: str) -> dict[str, str]:
         kind, command = match["type"], match["command"].strip()
         if not command:
             raise ProcfileError(f"Procfile line {number}: the {kind!r} process has no command")
+        if "\x00" in command:
+            raise ProcfileError(f"Procfile line {number}: the {kind!r} command holds a NUL character")
         if kind in processes:
             raise ProcfileError(f"Procfile line {number}: the {kind!r} process is already declared "
                                 f"on line {seen_on[kind]}")
@@ -37,6 +41,9 @@ def parse_procfile(text: str) -> dict[str, str]:
         seen_on[kind] = number
     if not processes:
         raise ProcfileError("Procfile declares no processes; add a line like 'web: <command that listens on $PORT>'")
+    if len(processes) > limits.max_process_types:
+        raise ProcfileError(str(limits.refuse("max_process_types", f"Procfile declares {len(processes)} process "
+                                                                    "types")))
     return processes
 
 

@@ -40,18 +40,26 @@ async def _crashed(instance: Instance) -> bool:
 
 
 async def probe(client: httpx.AsyncClient, instance: Instance, check: Check) -> str | None:
-    """None when the check passes, else why not."""
+    """None when the check passes, else why not. As in Dokku, a declared check passes on 2xx or 3xx only
+    (and with the content, when it names one): an app answering 404 on its check path is not healthy."""
     try:
         response = await client.get(f"http://127.0.0.1:{instance.port}{check.path}", timeout=check.timeout)
     except httpx.HTTPError as exc:
         return f"GET {check.path}: {type(exc).__name__}"
-    if check.content is None:
-        return None if response.status_code < 500 else f"GET {check.path}: HTTP {response.status_code}"
-    if response.status_code >= 400:
+    if not 200 <= response.status_code < 400:
         return f"GET {check.path}: HTTP {response.status_code}"
-    if check.content not in response.text:
+    if check.content is not None and check.content not in response.text:
         return f"GET {check.path}: body does not contain {check.content!r}"
     return None
+
+
+async def _answers(client: httpx.AsyncClient, instance: Instance, timeout: float) -> bool:
+    """Without declared checks a web process is up once it answers HTTP at all, whatever the status."""
+    try:
+        await client.get(f"http://127.0.0.1:{instance.port}/", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return True
 
 
 async def wait_healthy(instance: Instance, checks: list[Check], say: Callable[[str], None]) -> None:
@@ -66,7 +74,7 @@ async def wait_healthy(instance: Instance, checks: list[Check], say: Callable[[s
             if left <= 0:
                 raise HealthCheckFailed(
                     f"{instance.name} did not answer HTTP on $PORT within {DEFAULT_STARTUP_SECONDS:.0f}s")
-            if await probe(client, instance, Check(name="listening", timeout=min(2.0, left))) is None:
+            if await _answers(client, instance, min(2.0, left)):
                 break
             await asyncio.sleep(POLL)
         for check in checks:

@@ -1,55 +1,191 @@
-"""Root's reads and writes inside app-owned trees never follow a link the app's code planted."""
+"""Root's reads and writes inside app-owned trees never follow a link out, never block, and stop at a bound."""
 
 from __future__ import annotations
 
 import os
+import socket
+import stat
+import threading
 from pathlib import Path
 
 import pytest
 
-from pipeline.builders import BuildError
-from pipeline.builders.app_owned_files import read_beneath, write_beneath
+from pipeline.app_owned_files import (
+    UnsafeAppFile,
+    exists,
+    is_directory,
+    is_file,
+    open_for_writing,
+    read_file,
+    read_text,
+    subdirectories,
+    write_file,
+)
+
+GiB = 1024**3
 
 
-def test_write_creates_directories_and_replaces_a_plain_file(tmp_path: Path) -> None:
-    write_beneath(tmp_path, ".devflow/server.py", b"one")
-    write_beneath(tmp_path, ".devflow/server.py", b"two")
-    assert (tmp_path / ".devflow" / "server.py").read_bytes() == b"two"
-    assert read_beneath(tmp_path, ".devflow/server.py") == b"two"
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """An app tree, with a secret of root's beside it."""
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("root only")
+    app = tmp_path / "app"
+    (app / "deploy").mkdir(parents=True)
+    (app / "deploy" / "Procfile").write_text("web: from deploy\n")
+    return app
 
 
-@pytest.mark.parametrize("planted", ["file", "directory"])
-def test_a_planted_link_is_refused_and_its_target_untouched(tmp_path: Path, planted: str) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    victim = outside / "victim"
-    victim.write_bytes(b"precious")
-    tree = tmp_path / "tree"
-    tree.mkdir()
+def test_write_creates_directories_and_replaces_a_plain_file(tree: Path) -> None:
+    write_file(tree, ".devflow/server.py", b"one")
+    write_file(tree, ".devflow/server.py", b"two")
+    assert (tree / ".devflow" / "server.py").read_bytes() == b"two"
+    assert read_file(tree, ".devflow/server.py", 10) == b"two"
+
+
+def test_a_missing_file_or_directory_reads_as_none(tree: Path) -> None:
+    assert read_file(tree, "Procfile", 10) is None
+    assert read_file(tree, "nowhere/Procfile", 10) is None
+    assert read_file(tree, "deploy/Procfile/x", 10) is None  # a file where a directory would be
+    assert not is_file(tree, "Procfile") and not exists(tree, "Procfile") and subdirectories(tree, "nowhere", 9) == []
+
+
+def test_links_inside_the_tree_are_followed_component_by_component(tree: Path) -> None:
+    (tree / "Procfile").symlink_to("deploy/Procfile")
+    (tree / "conf").symlink_to("deploy")
+    (tree / "deploy" / "up").symlink_to("../deploy/./Procfile")
+    for relative in ("Procfile", "conf/Procfile", "deploy/up", "conf/../Procfile", "deploy/../conf/up"):
+        assert read_text(tree, relative, 100) == "web: from deploy\n", relative
+    assert is_file(tree, "Procfile") and is_directory(tree, "conf") and not is_file(tree, "conf")
+
+
+@pytest.mark.parametrize("link, relative", [
+    ("../outside/secret", "Procfile"),
+    ("/", "Procfile/secret"),
+    ("deploy/../../outside", "Procfile/secret"),
+])
+def test_links_leading_out_of_the_tree_are_refused(tree: Path, link: str, relative: str) -> None:
+    name = relative.split("/")[0]
+    (tree / name).symlink_to(link)
+    with pytest.raises(UnsafeAppFile, match="outside the app"):
+        read_file(tree, relative, 100)
+    with pytest.raises(UnsafeAppFile, match="outside the app"):
+        is_file(tree, relative)
+    with pytest.raises(UnsafeAppFile, match="outside the app"):
+        read_file(tree, "../outside/secret", 100)
+
+
+def test_link_loops_are_refused(tree: Path) -> None:
+    (tree / "a").symlink_to("b")
+    (tree / "b").symlink_to("a")
+    with pytest.raises(UnsafeAppFile, match="too many symbolic links"):
+        read_file(tree, "a", 100)
+
+
+@pytest.mark.parametrize("planted", ["file", "directory", "inside"])
+def test_writes_follow_no_link_at_all(tree: Path, planted: str) -> None:
+    victim = tree.parent / "outside" / "secret"
     if planted == "file":
         (tree / ".devflow-ready").symlink_to(victim)
         relative = ".devflow-ready"
+    elif planted == "directory":
+        (tree / ".devflow").symlink_to(victim.parent)
+        relative = ".devflow/secret"
     else:
-        (tree / ".devflow").symlink_to(outside)
-        relative = ".devflow/victim"
-    with pytest.raises(BuildError, match="symbolic link"):
-        write_beneath(tree, relative, b"overwritten")
-    with pytest.raises(BuildError, match="symbolic link"):
-        read_beneath(tree, relative)
-    assert victim.read_bytes() == b"precious"
+        (tree / ".devflow-ready").symlink_to("deploy/Procfile")
+        relative = ".devflow-ready"
+    with pytest.raises(UnsafeAppFile, match="symbolic link"):
+        write_file(tree, relative, b"overwritten")
+    with pytest.raises(UnsafeAppFile, match="symbolic link"):
+        open_for_writing(tree, relative)
+    assert victim.read_text() == "root only"
+    assert (tree / "deploy" / "Procfile").read_text() == "web: from deploy\n"
 
 
-def test_paths_must_stay_inside(tmp_path: Path) -> None:
-    for relative in ("../escape", "/etc/passwd", ""):
+def test_paths_must_stay_inside(tree: Path) -> None:
+    for relative in ("../escape", "/etc/passwd", "", "deploy/../../escape"):
         with pytest.raises(ValueError):
-            write_beneath(tmp_path, relative, b"x")
+            write_file(tree, relative, b"x")
+    assert not (tree.parent / "escape").exists()
 
 
-def test_a_planted_fifo_or_device_is_refused_without_hanging(tmp_path: Path) -> None:
-    os.mkfifo(tmp_path / "fifo")
-    (tmp_path / "zero").symlink_to("/dev/zero")
-    for relative in ("fifo", "zero"):
-        with pytest.raises(BuildError):
-            read_beneath(tmp_path, relative)
-        with pytest.raises(BuildError):
-            write_beneath(tmp_path, relative, b"x")
+def test_special_files_are_refused_without_being_opened_or_blocking(tree: Path) -> None:
+    os.mkfifo(tree / "package.json")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tree / "requirements.txt"))
+        kinds = {"package.json": "a FIFO", "requirements.txt": "a socket", "deploy": "a directory"}
+        if os.geteuid() == 0:  # only root may make device nodes
+            os.mknod(tree / "go.mod", 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero: endless
+            kinds["go.mod"] = "a character device"
+        for name, kind in kinds.items():
+            with pytest.raises(UnsafeAppFile, match=f"^{name} is {kind}, not a regular file$"):
+                read_file(tree, name, 100)
+            with pytest.raises(UnsafeAppFile, match=f"^{name} is {kind}, not a regular file$"):
+                write_file(tree, name, b"x")
+            assert not is_file(tree, name) and exists(tree, name)
+    (tree / "Procfile").symlink_to("package.json")
+    with pytest.raises(UnsafeAppFile, match="is a FIFO"):
+        read_file(tree, "Procfile", 100)
+
+
+def test_size_bound_refuses_a_huge_sparse_file_and_names_the_setting(tree: Path) -> None:
+    with open(tree / "package-lock.json", "wb") as f:
+        f.truncate(GiB)
+    with pytest.raises(UnsafeAppFile, match=r"^package-lock.json is larger than 64 MiB \(an admin can raise "
+                                            r"the limit with devflow up --max-manifest-bytes\)$"):
+        read_file(tree, "package-lock.json", 64 * 1024**2, setting="max_manifest_bytes")
+    (tree / "runtime.txt").write_bytes(b"x" * 101)
+    with pytest.raises(UnsafeAppFile, match="^runtime.txt is larger than 100 bytes$"):
+        read_file(tree, "runtime.txt", 100)
+    assert read_file(tree, "runtime.txt", 101) == b"x" * 101
+
+
+def test_text_must_be_utf8(tree: Path) -> None:
+    (tree / "Procfile").write_bytes(b"web: \xff\n")
+    with pytest.raises(UnsafeAppFile, match="^Procfile is not UTF-8 text$"):
+        read_text(tree, "Procfile", 100)
+
+
+def test_listing_names_real_directories_only_and_is_bounded(tree: Path) -> None:
+    (tree / "mysite").mkdir()
+    (tree / "app.py").write_text("")
+    (tree / "linked").symlink_to(tree.parent / "outside")
+    assert subdirectories(tree, "", 10) == ["deploy", "mysite"]
+    with pytest.raises(UnsafeAppFile, match="more than 3 entries"):
+        subdirectories(tree, "", 3)
+    (tree / "listed").symlink_to(tree.parent / "outside")
+    with pytest.raises(UnsafeAppFile, match="symbolic link"):
+        subdirectories(tree, "listed", 10)
+
+
+def test_a_directory_swapped_for_a_link_mid_read_never_reaches_outside(tree: Path) -> None:
+    """A thread flips `conf` between a real directory and a link out while root reads `conf/secret`."""
+    (tree / "conf").mkdir()
+    (tree / "conf" / "secret").write_text("the app's own")
+    (tree / "real").mkdir()
+    (tree / "real" / "secret").write_text("the app's own")
+    (tree / "out").symlink_to(tree.parent / "outside")
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            os.rename(tree / "conf", tree / "parked")
+            os.rename(tree / "out", tree / "conf")
+            os.rename(tree / "conf", tree / "out")
+            os.rename(tree / "parked", tree / "conf")
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    seen: dict[str, int] = {}
+    try:
+        for _ in range(3000):
+            try:
+                outcome = read_text(tree, "conf/secret", 100) or "missing"
+            except UnsafeAppFile as exc:
+                outcome = "refused" if "outside the app" in str(exc) else str(exc)
+            seen[outcome] = seen.get(outcome, 0) + 1
+    finally:
+        stop.set()
+        flipper.join()
+    assert "root only" not in seen
+    assert set(seen) <= {"the app's own", "missing", "refused"}, seen

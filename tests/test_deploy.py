@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import pwd
 import shutil
@@ -20,6 +21,7 @@ from conftest import (
     Daemon,
     commit,
     launch,
+    make_repo,
     start_daemon,
     stop_app_processes,
     stop_daemon,
@@ -590,3 +592,31 @@ def test_a_wedged_process_failing_its_liveness_check_is_restarted(live: Daemon) 
     lines = live.ssh("logs", "wedge").stdout.splitlines()
     assert any("liveness check 'web stays alive' failed 2 times" in line for line in lines)
     assert any("restarting it as asked: liveness check" in line for line in lines)  # not counted as a crash
+
+
+def test_a_declared_check_passes_on_2xx_or_3xx_only(live: Daemon) -> None:
+    """Like Dokku's checks-root app: it answers 404 on '/', which only the default listening probe accepts."""
+    repo = app_repo(live, "checks-404", "checks404")
+    first = push(live, repo, "checks404")
+    assert "is live at" in first.stderr  # no app.json checks: answering HTTP at all is enough
+    (repo / "app.json").write_text('{"healthchecks": {"web": [{"path": "/", "attempts": 2, "wait": 0}]}}')
+    commit(repo, "check the root")
+    refused = push(live, repo, "checks404", check=False)
+    assert refused.returncode != 0
+    assert "GET /: HTTP 404" in refused.stderr
+    (repo / "app.json").write_text('{\n  // the path that answers\n  "healthchecks": {"web": [{"path": "/ok",},],},\n}')
+    commit(repo, "check /ok, in JSONC")
+    assert "is live at" in push(live, repo, "checks404").stderr
+    assert get(live, "checks404", "/ok").text == "checks-404 v1"
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="the app's build script needs npm")
+def test_the_build_sees_the_apps_config_vars(live: Daemon) -> None:
+    package = {"name": "app", "version": "1.0.0", "scripts": {
+        "build": "node -e \"require('fs').writeFileSync('built.txt', process.env.GREETING || 'unset')\""}}
+    repo = make_repo(live.work / "buildenv", {"package.json": json.dumps(package),
+                                              "Procfile": "web: python3 -m http.server $PORT\n"})
+    assert live.ssh("apps:create", "buildenv").returncode == 0
+    assert live.ssh("config:set", "buildenv", "GREETING=from-config").returncode == 0
+    push(live, repo, "buildenv")
+    assert get(live, "buildenv", "/built.txt").text == "from-config"

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from pipeline.app_json import AppJson, AppJsonError, HealthCheck, parse_app_json
 from pipeline.detect import DetectError, detect
+from pipeline.limits import Limits
 from pipeline.procfile import ProcfileError, parse_procfile
 
 APPS = Path(__file__).parent / "apps"
+LIMITS = Limits()
 
 
 def tree(root: Path, files: dict[str, str]) -> Path:
@@ -27,7 +30,7 @@ def tree(root: Path, files: dict[str, str]) -> Path:
 def test_procfile_types_commands_comments_and_blank_lines():
     text = "# processes\n\nweb: gunicorn app:app --bind 0.0.0.0:$PORT\r\nworker:python3 worker.py  \n" \
            "release-phase: ./migrate.sh && echo done\nclock_2: python3 -c 'print(1)'  # not a comment\n"
-    assert parse_procfile(text) == {
+    assert parse_procfile(text, LIMITS) == {
         "web": "gunicorn app:app --bind 0.0.0.0:$PORT",
         "worker": "python3 worker.py",
         "release-phase": "./migrate.sh && echo done",
@@ -36,7 +39,7 @@ def test_procfile_types_commands_comments_and_blank_lines():
 
 
 def test_procfile_keeps_colons_in_commands():
-    assert parse_procfile("web: python3 -m http.server --bind ::1 $PORT") == {
+    assert parse_procfile("web: python3 -m http.server --bind ::1 $PORT", LIMITS) == {
         "web": "python3 -m http.server --bind ::1 $PORT"}
 
 
@@ -52,7 +55,7 @@ def test_procfile_keeps_colons_in_commands():
 ])
 def test_procfile_errors_name_the_line(text, message):
     with pytest.raises(ProcfileError) as error:
-        parse_procfile(text)
+        parse_procfile(text, LIMITS)
     assert message in str(error.value)
 
 
@@ -73,7 +76,7 @@ def test_app_json_dokku_and_heroku_keys():
         "env": {"PLAIN": "v", "WITH_VALUE": {"value": "w", "description": "d"}, "SECRET": {"required": True},
                 "GENERATED": {"generator": "secret"}},
         "cron": [{"command": "python3 cleanup.py", "schedule": "@daily"}],
-    }))
+    }), LIMITS)
     assert app.healthchecks == {"web": [
         HealthCheck(type="startup", name="web check", path="/health", content="ok", attempts=3, timeout=2, wait=1,
                     initial_delay=0),
@@ -87,8 +90,8 @@ def test_app_json_dokku_and_heroku_keys():
 
 
 def test_app_json_empty_object_means_defaults():
-    assert parse_app_json("{}") == AppJson()
-    assert parse_app_json('{"scripts": {"postdeploy": "x"}}').postdeploy is None
+    assert parse_app_json("{}", LIMITS) == AppJson()
+    assert parse_app_json('{"scripts": {"postdeploy": "x"}}', LIMITS).postdeploy is None
 
 
 @pytest.mark.parametrize("document, message", [
@@ -121,7 +124,7 @@ def test_app_json_empty_object_means_defaults():
 ])
 def test_app_json_errors_name_the_key_path(document, message):
     with pytest.raises(AppJsonError) as error:
-        parse_app_json(document)
+        parse_app_json(document, LIMITS)
     assert message in str(error.value)
 
 
@@ -129,18 +132,18 @@ def test_app_json_errors_name_the_key_path(document, message):
 
 
 def test_fixture_apps_are_detected():
-    flask = detect(APPS / "flask")
+    flask = detect(APPS / "flask", LIMITS)
     assert (flask.stacks, flask.python_manager, flask.procfile) == (("python",), "pip", {})
-    node = detect(APPS / "node")
+    node = detect(APPS / "node", LIMITS)
     assert (node.stacks, node.node_manager, node.node_engine) == (("node",), "npm", ">=18")
-    assert detect(APPS / "static").stacks == ("static",)
-    workers = detect(APPS / "workers")
+    assert detect(APPS / "static", LIMITS).stacks == ("static",)
+    workers = detect(APPS / "workers", LIMITS)
     assert workers.stacks == () and list(workers.procfile) == ["web", "worker", "release"]
-    healthchecks = detect(APPS / "healthchecks")
+    healthchecks = detect(APPS / "healthchecks", LIMITS)
     assert healthchecks.app_json.healthchecks["web"][0].path == "/health"
     assert healthchecks.app_json.predeploy == "python3 hook.py predeploy"
     assert "Detected app.json: healthchecks for web; predeploy; postdeploy" in healthchecks.notes
-    assert detect(APPS / "stdlib").notes == [
+    assert detect(APPS / "stdlib", LIMITS).notes == [
         "Detected Procfile: web", "No dependency files found: the Procfile's commands run with the host's tools"]
 
 
@@ -158,15 +161,15 @@ def test_python_managers_and_versions(tmp_path):
                             "runtime.txt": "python-3.9"}, "pip", "3.11.7"),
     }
     for name, (files, manager, version) in cases.items():
-        detection = detect(tree(tmp_path / name, files))
+        detection = detect(tree(tmp_path / name, files), LIMITS)
         assert (detection.stacks, detection.python_manager, detection.python_version) == \
             (("python",), manager, version), name
-    assert "Detected Python (uv.lock, uv), Python 3.12 from .python-version" in detect(tmp_path / "uv").notes
+    assert "Detected Python (uv.lock, uv), Python 3.12 from .python-version" in detect(tmp_path / "uv", LIMITS).notes
 
 
 def test_lockfile_beats_requirements_and_says_so(tmp_path):
     detection = detect(tree(tmp_path, {"requirements.txt": "", "uv.lock": "",
-                                       "pyproject.toml": '[project]\nname = "a"\nversion = "1"\n'}))
+                                       "pyproject.toml": '[project]\nname = "a"\nversion = "1"\n'}), LIMITS)
     assert detection.python_manager == "uv"
     assert "Using uv.lock for Python dependencies; ignoring requirements.txt" in detection.notes  # uv reads pyproject
 
@@ -174,7 +177,7 @@ def test_lockfile_beats_requirements_and_says_so(tmp_path):
 def test_pyproject_with_only_tool_settings_is_not_an_app(tmp_path):
     tree(tmp_path, {"pyproject.toml": "[tool.ruff]\nline-length = 120\n"})
     with pytest.raises(DetectError, match="Nothing to deploy"):
-        detect(tmp_path)
+        detect(tmp_path, LIMITS)
 
 
 def test_node_managers_and_engines(tmp_path):
@@ -187,38 +190,42 @@ def test_node_managers_and_engines(tmp_path):
     }
     for name, (files, manager) in cases.items():
         package = json.dumps({"name": name, "engines": {"node": "20.x"}})
-        detection = detect(tree(tmp_path / name, {"package.json": package, **files}))
+        detection = detect(tree(tmp_path / name, {"package.json": package, **files}), LIMITS)
         assert (detection.stacks, detection.node_manager, detection.node_engine) == (("node",), manager, "20.x")
-    assert "Detected Node.js (package.json, npm, no lockfile), engines.node 20.x" in detect(tmp_path / "none").notes
-    both = detect(tree(tmp_path / "both", {"package.json": "{}", "yarn.lock": "", "package-lock.json": "{}"}))
+    notes = detect(tmp_path / "none", LIMITS).notes
+    assert "Detected Node.js (package.json, npm, no lockfile), engines.node 20.x" in notes
+    both = detect(tree(tmp_path / "both", {"package.json": "{}", "yarn.lock": "", "package-lock.json": "{}"}),
+                  LIMITS)
     assert both.node_manager == "yarn"
     assert "Several lockfiles found; using yarn.lock, ignoring package-lock.json" in both.notes
 
 
 def test_stacks_come_in_build_order(tmp_path):
     detection = detect(tree(tmp_path, {"requirements.txt": "", "package.json": "{}", "go.mod": "module x\n\ngo 1.22\n",
-                                       ".static": "dist\n", "Dockerfile": "FROM scratch\n", "Procfile": "web: x\n"}))
+                                       ".static": "dist\n", "Dockerfile": "FROM scratch\n", "Procfile": "web: x\n"}),
+                       LIMITS)
     assert detection.stacks == ("node", "python", "go", "static")
     assert detection.has_dockerfile
-    assert "Detected Go (go.mod, go 1.22)" in detection.notes
+    assert "Detected Go (go.mod, module x, go 1.22)" in detection.notes
+    assert detection.go_module == "x"
 
 
 def test_index_html_is_a_static_site_only_without_a_language(tmp_path):
-    assert detect(tree(tmp_path / "plain", {"index.html": "<p>hi</p>"})).stacks == ("static",)
-    assert detect(tree(tmp_path / "python", {"index.html": "", "requirements.txt": ""})).stacks == ("python",)
-    assert detect(tree(tmp_path / "marker", {".static": ""})).stacks == ("static",)
+    assert detect(tree(tmp_path / "plain", {"index.html": "<p>hi</p>"}), LIMITS).stacks == ("static",)
+    assert detect(tree(tmp_path / "python", {"index.html": "", "requirements.txt": ""}), LIMITS).stacks == ("python",)
+    assert detect(tree(tmp_path / "marker", {".static": ""}), LIMITS).stacks == ("static",)
 
 
 def test_procfile_alone_or_dockerfile_alone_is_deployable(tmp_path):
-    assert detect(tree(tmp_path / "procfile", {"Procfile": "web: ./serve\n"})).procfile == {"web": "./serve"}
-    dockerfile = detect(tree(tmp_path / "docker", {"Dockerfile": "FROM scratch\n"}))
-    assert dockerfile.has_dockerfile and dockerfile.stacks == () and dockerfile.notes == ["Detected Dockerfile"]
+    assert detect(tree(tmp_path / "procfile", {"Procfile": "web: ./serve\n"}), LIMITS).procfile == {"web": "./serve"}
+    dockerfile = detect(tree(tmp_path / "docker", {"Dockerfile": "FROM scratch\n"}), LIMITS)
+    assert dockerfile.has_dockerfile and dockerfile.stacks == () and dockerfile.notes == []
 
 
 def test_nothing_deployable_says_what_to_add(tmp_path):
     tree(tmp_path, {"README.md": "hello", "src/main.rs": "fn main() {}"})
     with pytest.raises(DetectError) as error:
-        detect(tmp_path)
+        detect(tmp_path, LIMITS)
     message = str(error.value)
     assert "Add a Procfile with a 'web: <command>' line, a Dockerfile" in message
     assert "requirements.txt" in message and "package.json" in message
@@ -238,11 +245,120 @@ def test_nothing_deployable_says_what_to_add(tmp_path):
 def test_malformed_app_files_fail_detection_with_their_message(tmp_path, files, message):
     tree(tmp_path, files)
     with pytest.raises(DetectError) as error:
-        detect(tmp_path)
+        detect(tmp_path, LIMITS)
     assert message in str(error.value)
 
 
 def test_non_utf8_procfile(tmp_path):
     (tmp_path / "Procfile").write_bytes(b"web: \xff\xfe\n")
     with pytest.raises(DetectError, match="Procfile is not UTF-8 text"):
-        detect(tmp_path)
+        detect(tmp_path, LIMITS)
+
+
+# JSONC, bounds and hostile files
+
+
+def test_app_json_is_jsonc_like_dokkus():
+    document = '''{
+      // Dokku's own test apps comment their app.json
+      "healthchecks": {"web": [{"path": "/health", /* inline */ "content": "ok // not a comment",},],},
+      "scripts": {"dokku": {"predeploy": "echo 'a /* b */ c'"}},
+    }'''
+    app = parse_app_json(document, LIMITS)
+    assert app.healthchecks["web"][0].content == "ok // not a comment"
+    assert app.predeploy == "echo 'a /* b */ c'"
+
+
+@pytest.mark.parametrize("document, message", [
+    ('{\n  // fine\n  "env": {"A": "1"}\n  "formation": {}\n}', "not valid JSON: Expecting ',' delimiter at line 4 "
+                                                              "column 3"),
+    ('{"env": {} /* never closed', "the /* comment on line 1 is never closed"),
+    ("[" * 100_000 + "]" * 100_000, "app.json nests deeper than 64 levels of arrays and objects"),
+    ('{"a": ' + "[" * 65 + "]" * 65 + "}", "app.json nests deeper than 64 levels"),
+    ('{"healthchecks": {"web": [{"timeout": NaN}]}}', "NaN is not a JSON number"),
+    ('{"healthchecks": {"web": [{"timeout": 1e999}]}}', "1e999 is too large a number"),
+    ('{"env": {"A": "x\\u0000y"}}', "a string holds a NUL character"),
+    ('{"env": {"A": "\\udc80"}}', "unpaired surrogate"),
+    ('{"formation": {"web": {"quantity": 33}}}', "app.json: formation.web.quantity is 33: the limit is 32 (an "
+                                                 "admin can raise it with devflow up --max-replicas-per-type)"),
+    ('{"formation": {' + ", ".join(f'"p{i}": {{"quantity": 20}}' for i in range(4)) + "}}",
+     "app.json: formation asks for 80 processes in all: the limit is 64"),
+    ('{"healthchecks": {' + ", ".join(f'"p{i}": []' for i in range(33)) + "}}",
+     "app.json: healthchecks names 33 process types: the limit is 32 (an admin can raise it with devflow up "
+     "--max-process-types)"),
+])
+def test_app_json_refusals_are_clear(document, message):
+    with pytest.raises(AppJsonError) as error:
+        parse_app_json(document, LIMITS)
+    assert message in str(error.value)
+
+
+def test_procfile_process_types_are_bounded():
+    text = "".join(f"p{i}: run {i}\n" for i in range(40))
+    with pytest.raises(ProcfileError) as error:
+        parse_procfile(text, LIMITS)
+    assert str(error.value) == ("Procfile declares 40 process types: the limit is 32 (an admin can raise it with "
+                                "devflow up --max-process-types)")
+    assert len(parse_procfile(text, Limits(max_process_types=40))) == 40
+    with pytest.raises(ProcfileError, match="holds a NUL character"):
+        parse_procfile("web: a\x00b\n", LIMITS)
+
+
+@pytest.mark.parametrize("name, setting, size", [("Procfile", "max_procfile_bytes", "1 KiB"),
+                                                 ("app.json", "max_app_json_bytes", "1 KiB"),
+                                                 ("package.json", "max_manifest_bytes", "1 MiB")])
+def test_sizes_are_bounded_by_their_setting(tmp_path, name, setting, size):
+    limit = 1024 if size == "1 KiB" else 1024**2
+    content = {"Procfile": "web: x\n", "app.json": "{}", "package.json": "{}"}[name]
+    (tmp_path / "index.html").write_text("")
+    (tmp_path / name).write_text(content + " " * (limit - len(content)))
+    detect(tmp_path, Limits(**{setting: limit}))  # right at the limit
+    (tmp_path / name).write_text(content + " " * (limit - len(content) + 1))
+    with pytest.raises(DetectError) as error:
+        detect(tmp_path, Limits(**{setting: limit}))
+    assert str(error.value) == (f"{name} is larger than {size} (an admin can raise the limit with devflow up "
+                                f"--{setting.replace('_', '-')})")
+
+
+def test_an_in_tree_link_is_read_and_a_deeply_nested_pyproject_refused(tmp_path):
+    tree(tmp_path, {"deploy/Procfile": "web: ./serve\n", "pyproject.toml": "a = " + "[" * 5000 + "]" * 5000})
+    (tmp_path / "Procfile").symlink_to("deploy/Procfile")
+    with pytest.raises(DetectError, match="^pyproject.toml nests arrays or tables too deeply$"):
+        detect(tmp_path, LIMITS)
+    (tmp_path / "pyproject.toml").unlink()
+    assert detect(tmp_path, LIMITS).procfile == {"web": "./serve"}
+
+
+DETECTED_FILES = ("Procfile", "app.json", "pyproject.toml", "package.json", ".python-version", "runtime.txt", "go.mod",
+                  "package-lock.json", "requirements.txt", ".static")
+
+
+@pytest.mark.parametrize("planted", ["fifo", "outside", "huge"])
+@pytest.mark.parametrize("name", DETECTED_FILES)
+def test_hostile_files_fail_detection_clearly_without_hanging(tmp_path, name, planted):
+    """What an app's processes could plant, were detection to read a tree they can write."""
+    src = tree(tmp_path / "app", {"requirements.txt": "", "package.json": "{}"} if name != "requirements.txt" else
+               {"package.json": "{}"})
+    (tmp_path / "secret").write_text("root only")
+    target = src / name
+    target.unlink(missing_ok=True)
+    if planted == "fifo":
+        os.mkfifo(target)
+    elif planted == "outside":
+        target.symlink_to(tmp_path / "secret")
+    else:
+        with open(target, "wb") as f:
+            f.truncate(1024**3)
+    expected = {"fifo": f"{name} is a FIFO, not a regular file",
+                "outside": f"{name} is a symbolic link that leads outside the app",
+                "huge": f"{name} is larger than "}[planted]
+    if planted == "fifo" and name in ("package-lock.json", "requirements.txt", ".static"):
+        detect(src, LIMITS)  # only looked for, not read: the builder refuses it if it gets that far
+        return
+    if planted == "huge" and name in ("package-lock.json", "requirements.txt", ".static"):
+        detect(src, LIMITS)  # not read by detection
+        return
+    with pytest.raises(DetectError) as error:
+        detect(src, LIMITS)
+    assert str(error.value).startswith(expected)
+    assert "root only" not in str(error.value)

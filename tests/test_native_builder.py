@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,10 +25,21 @@ import pytest
 
 from conftest import free_port
 from pipeline.builders import BuildError, BuildResult
-from pipeline.builders.native_impl import NativeBuilder, _python_web, _reads_source
-from pipeline.detect import detect
+from pipeline.builders.failure_excerpt import failure_excerpt
+from pipeline.app_owned_files import FileTooLarge
+from pipeline.builders.native_impl import (
+    NativeBuilder,
+    _go_executable_name,
+    _python_web,
+    _reads_source,
+    _requirement_files,
+)
+from pipeline.detect import Detection, detect
+from pipeline.limits import Limits
+from runtime.local.app_user import AppUser
 
 APPS = Path(__file__).parent / "apps"
+LIMITS = Limits()
 BASE_ENV = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8"}
 STEP_TIMEOUT = 600.0
 HOST_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -50,16 +62,17 @@ def build(src: Path, cache: Path, builder: NativeBuilder | None = None,
           env: dict[str, str] | None = None) -> tuple[BuildResult, list[str]]:
     lines: list[str] = []
     builder = builder or NativeBuilder(step_timeout=STEP_TIMEOUT)
-    result = asyncio.run(builder.build(src, detect(src), cache, env or BASE_ENV, lines.append))
+    result = asyncio.run(builder.build(src, detect(src, LIMITS), cache, env or BASE_ENV, lines.append))
     return result, lines
 
 
 def build_error(src: Path, cache: Path, builder: NativeBuilder | None = None,
-                env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+                env: dict[str, str] | None = None, detection: Detection | None = None) -> tuple[str, list[str]]:
+    """The build's error; `detection` when the tree changed since it was detected (as app code can change it)."""
     lines: list[str] = []
     builder = builder or NativeBuilder(step_timeout=STEP_TIMEOUT)
     with pytest.raises(BuildError) as error:
-        asyncio.run(builder.build(src, detect(src), cache, env or BASE_ENV, lines.append))
+        asyncio.run(builder.build(src, detection or detect(src, LIMITS), cache, env or BASE_ENV, lines.append))
     return str(error.value), lines
 
 
@@ -186,8 +199,12 @@ def test_python_version_file_picks_the_interpreter(tmp_path):
     assert version == HOST_PYTHON
     (src / ".python-version").write_text("3.4\n")
     message, _ = build_error(src, tmp_path / "cache")
-    assert message.startswith("Python 3.4 is requested by the app but not installed on the build host (found: ")
-    assert "install it (e.g. pyenv install 3.4) or change .python-version" in message
+    assert message.startswith("Python 3.4 is requested by .python-version but not installed on the build host. "
+                              "The versions the app can use: ")
+    assert HOST_PYTHON + "." in message
+    assert message.endswith("To use 3.4, have an admin install it where every user can read it (pyenv with "
+                            "PYENV_ROOT under /opt or /usr/local, or the distribution's package), or change "
+                            ".python-version")
 
 
 def test_pyproject_without_dependencies_needs_no_install_and_no_gunicorn_means_a_procfile(tmp_path):
@@ -227,9 +244,12 @@ def test_a_tool_that_cannot_be_run_fails_the_build_with_why(tmp_path):
 
 
 def test_default_web_process_needs_one_obvious_wsgi_app(tmp_path):
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "gunicorn").touch()
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "gunicorn").touch()
+
+    def web(src: Path) -> tuple[str | None, str]:
+        return _python_web(src, tmp_path, "venv", 1000)
+
     cases = {
         "flask": ({"app.py": "from flask import Flask\napp = Flask(__name__)\n"}, "gunicorn app:app"),
         "wsgi-application": ({"wsgi.py": "from mysite.web import application\n"}, "gunicorn wsgi:application"),
@@ -241,12 +261,11 @@ def test_default_web_process_needs_one_obvious_wsgi_app(tmp_path):
         "two": ({"app.py": "app = 1\n", "wsgi.py": "application = 2\n"}, None),
     }
     for name, (files, command) in cases.items():
-        web, why = _python_web(write(tmp_path / name, files), venv)
-        assert web == (f"{command} --bind 0.0.0.0:$PORT" if command else None), name
+        command_found, why = web(write(tmp_path / name, files))
+        assert command_found == (f"{command} --bind 0.0.0.0:$PORT" if command else None), name
         assert bool(why) == (command is None), name
-    assert "several modules could be the web app (wsgi:application, app:app)" in _python_web(tmp_path / "two", venv)[1]
-    assert "no wsgi.py/app.py/main.py/application.py defines a WSGI `app`" in \
-           _python_web(tmp_path / "fastapi-is-not-wsgi", venv)[1]
+    assert "several modules could be the web app (wsgi:application, app:app)" in web(tmp_path / "two")[1]
+    assert "no wsgi.py/app.py/main.py/application.py defines a WSGI `app`" in web(tmp_path / "fastapi-is-not-wsgi")[1]
 
 
 def test_requirements_that_read_the_app_tree_are_not_cached(tmp_path):
@@ -254,7 +273,7 @@ def test_requirements_that_read_the_app_tree_are_not_cached(tmp_path):
              "--find-links https://x/simple\npkg\n": False, "flask==3 # ./not-a-path\n": False,
              "-r base.txt\n": False}
     for text, reads in cases.items():
-        assert _reads_source(write(tmp_path, {"requirements.txt": text}) / "requirements.txt") is reads, text
+        assert _reads_source(text) is reads, text
 
 
 # Node
@@ -305,7 +324,7 @@ def test_concurrent_builds_install_once(tmp_path):
     async def both() -> list[list[str]]:
         logs: list[list[str]] = [[], []]
         builder = NativeBuilder(step_timeout=STEP_TIMEOUT)
-        await asyncio.gather(*(builder.build(src, detect(src), tmp_path / "cache", BASE_ENV, logs[i].append)
+        await asyncio.gather(*(builder.build(src, detect(src, LIMITS), tmp_path / "cache", BASE_ENV, logs[i].append)
                                for i, src in enumerate([copy_app("node", tmp_path / f"v{i}") for i in range(2)])))
         return logs
 
@@ -336,7 +355,7 @@ def test_missing_start_script_and_node_assets_before_python(tmp_path):
 
     write(src, {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, "Procfile": "web: python3 -m http.server $PORT\n"})
     result, lines = build(src, tmp_path / "cache")
-    assert detect(src).stacks == ("node", "python")
+    assert detect(src, LIMITS).stacks == ("node", "python")
     assert commands(lines)[0] == "$ npm run build" and " -m venv " in commands(lines)[1]
     assert (src / "static.css").read_text() == "body{}"
     path = result.env["PATH"].split(os.pathsep)
@@ -359,7 +378,8 @@ def test_tool_output_is_streamed_while_the_tool_runs(tmp_path):
         if line == "first line":
             (src / "go-on").touch()
 
-    asyncio.run(NativeBuilder(step_timeout=STEP_TIMEOUT).build(src, detect(src), tmp_path / "cache", BASE_ENV, log))
+    builder = NativeBuilder(step_timeout=STEP_TIMEOUT)
+    asyncio.run(builder.build(src, detect(src, LIMITS), tmp_path / "cache", BASE_ENV, log))
     assert lines.index("first line") < lines.index("second line")
 
 
@@ -425,9 +445,14 @@ def test_static_marker_can_name_the_directory_to_serve(tmp_path):
     assert message.startswith(".static names '../elsewhere', which is not a directory inside the app")
 
 
-def test_dockerfile_only_app_is_not_for_the_native_builder(tmp_path):
-    message, _ = build_error(write(tmp_path / "app", {"Dockerfile": "FROM scratch\n"}), tmp_path / "cache")
-    assert message.startswith("No Procfile, and nothing the native builder can build")
+def test_a_dockerfile_is_said_to_need_container_mode(tmp_path):
+    message, lines = build_error(write(tmp_path / "app", {"Dockerfile": "FROM scratch\n"}), tmp_path / "cache")
+    assert message.startswith("Dockerfile found, but this DevFlow runs apps natively (container mode comes with the "
+                              "Docker runtime), and there is nothing else to build: add a Procfile")
+    src = write(tmp_path / "both", {"Dockerfile": "FROM scratch\n", "Procfile": "web: python3 -m http.server\n"})
+    _, lines = build(src, tmp_path / "cache")
+    assert lines[0] == ("Dockerfile found, but this DevFlow runs apps natively (container mode comes with the Docker "
+                        "runtime); building with the native builder from the other files instead")
 
 
 def test_a_lockfile_linked_out_of_the_app_is_not_copied_into_the_cache(tmp_path):
@@ -437,10 +462,11 @@ def test_a_lockfile_linked_out_of_the_app_is_not_copied_into_the_cache(tmp_path)
     outside.mkdir()
     (outside / "secret").write_text('{"lockfileVersion": 3, "secret": "root only"}')
     src = copy_app("node", tmp_path / "linked")
+    detection = detect(src, LIMITS)
     (src / "package-lock.json").unlink()
     (src / "package-lock.json").symlink_to(outside / "secret")
-    message, _ = build_error(src, tmp_path / "cache")
-    assert "package-lock.json" in message and "symbolic link" in message
+    message, _ = build_error(src, tmp_path / "cache", detection=detection)
+    assert message == "package-lock.json is a symbolic link that leads outside the app"
     copied = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "root only" in p.read_text(errors="ignore")]
     assert not copied
 
@@ -454,3 +480,127 @@ def test_a_link_planted_over_the_static_server_is_refused(tmp_path):
     message, _ = build_error(src, tmp_path / "cache")
     assert "symbolic link" in message
     assert victim.read_text() == "precious"
+
+
+# what real apps need: Go program names, Django's collectstatic, versions the app's user can run
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs go on the build host")
+def test_go_programs_are_named_after_their_import_paths_as_on_heroku(tmp_path):
+    cache = tmp_path / "cache"
+    result, lines = build(copy_app("go", tmp_path / "root"), cache)
+    assert result.processes == {"web": "bin/devflow-fixture-go"}  # the module path's last element
+    assert "Built bin/devflow-fixture-go (from .)" in lines
+    with serve(tmp_path / "root", result) as client:
+        assert client.get("/").text == "go v1"
+
+    src = copy_app("go-cmd", tmp_path / "cmd")
+    result, lines = build(src, cache)
+    assert "Built bin/web (from ./cmd/web), bin/worker (from ./cmd/worker)" in lines  # not the /v2 library
+    assert result.processes == {"web": "bin/web", "worker": "bin/worker"}
+    with serve(src, result) as client:
+        assert client.get("/").text == "go-cmd v1"
+    (src / "Procfile").unlink()
+    message, _ = build_error(src, cache)
+    assert message == ("No Procfile, and several Go programs were built, none from the module's root package: add "
+                       "a Procfile with a web: line, e.g. 'web: bin/web'")
+
+
+def test_go_executable_names_follow_go_build():
+    assert [_go_executable_name(p) for p in ("example.com/shop", "example.com/shop/cmd/web", "example.com/tool/v2",
+                                             "example.com/tool/cmd/v3", "v2", "example.com/v0")] == \
+        ["shop", "web", "tool", "cmd", "v2", "v0"]
+
+
+def test_django_gets_collectstatic_with_the_apps_config_or_heros_advice(tmp_path):
+    """Django comes from PyPI; the three builds share one environment."""
+    cache = tmp_path / "cache"
+    config = {**BASE_ENV, "DJANGO_SECRET_KEY": "from-config"}
+    src = copy_app("django", tmp_path / "v1")
+    result, lines = build(src, cache, env=config)
+    assert "$ python manage.py collectstatic --noinput --traceback" in lines
+    assert (src / "staticfiles" / "admin" / "css" / "base.css").is_file()
+    assert result.processes["web"].startswith("python -m django runserver")
+
+    src = copy_app("django", tmp_path / "v2")
+    _, lines = build(src, cache, env={**config, "DISABLE_COLLECTSTATIC": "1"})
+    assert "Skipping Django's collectstatic: DISABLE_COLLECTSTATIC is set" in lines
+    assert not (src / "staticfiles").exists()
+
+    message, _ = build_error(copy_app("django", tmp_path / "v3"), cache)  # no DJANGO_SECRET_KEY
+    excerpt = message.splitlines()
+    assert excerpt[0] == "`python manage.py collectstatic --noinput --traceback` failed with exit status 1:"
+    assert excerpt[1] == "Traceback (most recent call last):"
+    assert excerpt[-2] == "KeyError: 'DJANGO_SECRET_KEY'"
+    assert excerpt[-1].startswith("Error while running `python manage.py collectstatic --noinput` (see the traceback "
+                                  "above). Fix the app's static files settings, or skip this step: config:set <app> "
+                                  "DISABLE_COLLECTSTATIC=1")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="builds run as another user only under root")
+def test_a_python_the_apps_user_cannot_run_is_named_as_such(tmp_path, monkeypatch):
+    """A pyenv under a directory private to root: there for root, out of reach for the app's uid."""
+    reachable = Path(tempfile.mkdtemp(prefix="devflow-test-build-"))
+    try:
+        reachable.chmod(0o711)
+        private = tmp_path / "root-pyenv"
+        (private / "versions" / "3.99.1" / "bin").mkdir(parents=True)
+        (private / "versions" / "3.99.1" / "bin" / "python3.99").symlink_to(sys.executable)
+        monkeypatch.setenv("PYENV_ROOT", str(private))
+        src = write(reachable / "app", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, ".python-version": "3.99\n",
+                                        "Procfile": "web: python3 app.py\n"})
+        user = AppUser.numbered(700_999_001)
+        user.hand_over_tree(src)
+        lines: list[str] = []
+        with pytest.raises(BuildError) as error:
+            asyncio.run(NativeBuilder(step_timeout=STEP_TIMEOUT).build(
+                src, detect(src, LIMITS), reachable / "cache", BASE_ENV, lines.append, user))
+        message = str(error.value)
+        assert message.startswith("Python 3.99.1 is installed on the build host, but where the app's user cannot "
+                                  "run it (builds run as the app's own user; root's pyenv, say, is private to root). "
+                                  "The versions the app can use: ")
+        assert str(private) not in message and "3.99.1, " not in message
+    finally:
+        shutil.rmtree(reachable)
+
+
+def test_failure_excerpts_keep_the_lines_that_explain():
+    npm = ["npm notice New minor version of npm available!", "", "> app@1.0.0 build", "> node build.js", "",
+           "/app/build.js:1", 'throw new Error("the build broke")', "^", "", "Error: the build broke",
+           "    at Object.<anonymous> (/app/build.js:1:7)", "    at Module._compile (node:internal:1)", "",
+           "Node.js v20.20.2", "npm warn deprecated x@1", "npm error code 1", "npm error path /app",
+           "npm error command failed", "npm error A complete log of this run can be found in: /root/.npm/x.log"]
+    assert failure_excerpt(npm) == ["Error: the build broke", "    at Object.<anonymous> (/app/build.js:1:7)",
+                                    "npm error code 1", "npm error path /app", "npm error command failed"]
+    go = ["go: downloading example.com/x v1.0.0", "# example.com/app", "./main.go:9:2: undefined: greting",
+          "./main.go:12:5: missing return"]
+    assert failure_excerpt(go) == ["./main.go:9:2: undefined: greting", "./main.go:12:5: missing return"]
+    python = ["Collecting flask", "Traceback (most recent call last):", '  File "/x/setup.py", line 3, in <module>',
+              "    import numpy", '  File "/x/numpy.py", line 1, in <module>', "    raise ImportError('no')",
+              "ImportError: no", "note: This error originates from a subprocess"]
+    assert failure_excerpt(python) == ["Traceback (most recent call last):", '  File "/x/numpy.py", line 1, in '
+                                       "<module>", "    raise ImportError('no')", "ImportError: no"]
+    assert failure_excerpt([f"line {i}" for i in range(50)]) == [f"line {i}" for i in range(42, 50)]
+    many = failure_excerpt([f"ERROR: {i}" for i in range(100)])
+    assert len(many) == 20 and many[-1] == "... and 81 more lines in the build log"
+
+
+def test_requirement_includes_are_read_inside_the_app_only(tmp_path):
+    src = write(tmp_path / "app", {"requirements.txt": "-r reqs/base.txt\n", "reqs/base.txt": "-c ../pins.txt\nsix\n",
+                                   "pins.txt": "six==1.16.0\n", "loop.txt": "-r loop.txt\n"})
+    texts, uncached = _requirement_files(src, 1024)
+    assert texts == ["-r reqs/base.txt\n", "-c ../pins.txt\nsix\n", "six==1.16.0\n"] and not uncached
+    for include in ("/etc/passwd", "../../outside.txt", "https://example.com/reqs.txt"):
+        (src / "requirements.txt").write_text(f"-r {include}\n")
+        assert _requirement_files(src, 1024) == ([f"-r {include}\n"], True), include  # pip's to read, not root's
+    (src / "requirements.txt").write_text("-r loop.txt\n")
+    assert _requirement_files(src, 1024)[1] is False
+    (src / "requirements.txt").write_text("-r reqs/base.txt\n" + "x" * 1000)
+    with pytest.raises(FileTooLarge, match=r"^requirements.txt and the files it includes are larger than 1 KiB in all"):
+        _requirement_files(src, 1024)
+    (src / "chain").mkdir()
+    for i in range(150):
+        (src / "chain" / f"{i}.txt").write_text(f"-r {i + 1}.txt\n")
+    (src / "requirements.txt").write_text("-r chain/0.txt\n")
+    texts, uncached = _requirement_files(src, 1024**2)
+    assert len(texts) == 100 and uncached  # past the includes followed, the environment is not cached

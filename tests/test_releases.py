@@ -221,5 +221,6 @@ def test_a_pushed_formation_past_the_limits_is_refused(live: Daemon) -> None:
     formation = {"formation": {"web": {"quantity": 2}, "worker": {"quantity": 3}}}
     repo = app_repo(live, "bigform", "workers", files={"app.json": json.dumps(formation)})
     result = push(live, repo, "bigform", check=False)
-    assert result.returncode != 0 and "5 processes in all" in result.stderr and "--max-replicas-per-app" in result.stderr
+    assert result.returncode != 0 and "5 processes in all" in result.stderr
+    assert "--max-replicas-per-app" in result.stderr
     assert live.api().get("apps/bigform/processes").json() == []

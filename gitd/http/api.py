@@ -14,19 +14,21 @@ from starlette.routing import Route
 from gitd.commands.command_threads import run_command
 from gitd.errors import DevflowError, InvalidInput
 from gitd.http.auth import authenticate
+from gitd.http.request_body import PayloadTooLarge, RequestBody
 from gitd.identity.directory import Directory
 from gitd.identity.roles import Actor
 from gitd.management import Management
+from pipeline.limits import Limits
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Management, Request, dict], Any]
 
 
-async def _json_body(request: Request) -> dict:
+async def _json_body(request: Request, limits: Limits) -> dict:
     if request.method in ("GET", "DELETE"):
         return {}
-    raw = await request.body()
+    raw = await RequestBody(request.headers, limits, "max_api_body_bytes").read(request.receive)
     if not raw:
         return {}
     try:
@@ -80,13 +82,16 @@ def _process_action(m: Management, request: Request, body: dict) -> dict:
     return action(request.path_params["app"])
 
 
-def api_routes(directory: Directory, management_for: Callable[[Actor], Management]) -> list[Route]:
+def api_routes(directory: Directory, management_for: Callable[[Actor], Management], limits: Limits) -> list[Route]:
     def endpoint(handler: Handler, status: int = 200) -> Callable[[Request], Awaitable[JSONResponse]]:
         async def run(request: Request) -> JSONResponse:
             try:
                 actor = await authenticate(request, directory)
-                body = await _json_body(request)
+                body = await _json_body(request, limits)
                 result = await run_command(handler, management_for(actor), request, body)
+            except PayloadTooLarge as exc:
+                # The rest of the body is not worth reading: the connection closes after the answer.
+                return JSONResponse({"error": exc.message}, status_code=exc.status, headers={"Connection": "close"})
             except DevflowError as exc:
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             return JSONResponse(result, status_code=status)

@@ -13,13 +13,15 @@ from gitd.http.status_page import ServiceInfo, status_routes
 from gitd.identity.directory import Directory
 from gitd.identity.roles import Actor
 from gitd.management import Management
+from pipeline.limits import Limits
 
 
 def build_app(
     info: ServiceInfo, directory: Directory, git: GitService, management_for: Callable[[Actor], Management],
+    limits: Limits,
 ) -> Starlette:
     return Starlette(routes=[
         *status_routes(info),
-        *api_routes(directory, management_for),
-        *git_routes(git, directory),
+        *api_routes(directory, management_for, limits),
+        *git_routes(git, directory, limits),
     ])

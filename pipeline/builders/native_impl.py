@@ -4,8 +4,9 @@ Dependencies are cached per app under `cache`, in directories named by a hash of
 produced them (interpreter, manifests, lockfiles), so a push that leaves them unchanged
 installs nothing. A virtual environment writes its own absolute path into its scripts and
 cannot move, so processes run it where it was built, in the cache; node_modules can move,
-so it is hard-linked into the build. Build tools run app code (setup.py, npm scripts):
-the native builder is for apps whose code the host trusts.
+so it is hard-linked into the build. Build tools run app code (setup.py, npm scripts) as the
+app's user, which owns the build and the caches: whatever the daemon reads or writes there goes
+through pipeline.app_owned_files, in a thread, and trees are removed or copied by the app's user.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ import signal
 import ssl
 import sys
 import tempfile
-import tomllib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from pipeline import app_owned_files as owned
 from pipeline import static_server
 from pipeline.builders import BuildError, BuildResult, Sandbox
-from pipeline.builders.app_owned_files import read_beneath, write_beneath
-from pipeline.detect import NODE_LOCKFILES, Detection
+from pipeline.builders.failure_excerpt import failure_excerpt
+from pipeline.detect import NODE_LOCKFILES, DetectError, Detection, parse_package_json, parse_pyproject
+from pipeline.limits import MARKER_FILE_BYTES, MAX_REQUIREMENT_FILES, SCANNED_SOURCE_BYTES, Limits, byte_size
 
 Log = Callable[[str], None]
 
@@ -54,7 +56,20 @@ HOST_ENV_PREFIXES = ("LC_", "PIP_", "npm_config_", "NPM_CONFIG_", "UV_", "POETRY
 # Every variable through which pip, npm, node, go, git and curl read a CA bundle.
 CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
            "NODE_EXTRA_CA_CERTS", "npm_config_cafile")
-ERROR_LINE = re.compile(r"^\s*(?:error\b|fatal\b|npm err!|npm error\b)", re.IGNORECASE)
+# The lines of a failed step's output kept to pick the excerpt from.
+FAILURE_TAIL_LINES = 200
+# App config vars reach the build, as on Heroku, except those that would break the build tools (Heroku's
+# buildpacks keep the same out); PATH is the platform's.
+BUILD_ENV_IGNORED = {"GIT_DIR", "CPATH", "CPPATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "LIBRARY_PATH", "PYTHONHOME"}
+# Python versions looked for on the PATH when listing what an app can use.
+PYTHON_MINORS = tuple(f"3.{minor}" for minor in range(6, 30))
+INSTALL_PYTHON = ("have an admin install it where every user can read it (pyenv with PYENV_ROOT under /opt "
+                  "or /usr/local, or the distribution's package), or change {file}")
+DOCKERFILE_FOUND = ("Dockerfile found, but this DevFlow runs apps natively (container mode comes with the Docker "
+                    "runtime)")
+COLLECTSTATIC_ADVICE = ("Error while running `python manage.py collectstatic --noinput` (see the traceback above). "
+                        "Fix the app's static files settings, or skip this step: "
+                        "config:set <app> DISABLE_COLLECTSTATIC=1 (https://devcenter.heroku.com/articles/django-assets)")
 PROBE = "import sys; print(getattr(sys, '_base_executable', sys.executable)); print('%d.%d.%d' % sys.version_info[:3])"
 WSGI_MODULES = ("wsgi", "app", "main", "application")
 ASGI_FRAMEWORKS = {"fastapi", "starlette", "quart", "litestar"}
@@ -99,9 +114,9 @@ class _PythonInstall:
     reads_source: bool = False  # local paths or the project itself: the result is not cacheable
 
 
-def _mark_ready(entry: Path, **facts: str) -> None:
+def _mark_ready(cache: Path, entry: str, **facts: str) -> None:
     """A cache entry is complete: later builds with the same inputs reuse it."""
-    write_beneath(entry, READY, json.dumps(facts).encode() + b"\n")
+    owned.write_file(cache, f"{entry}/{READY}", json.dumps(facts).encode() + b"\n")
 
 
 def _make_dir(directory: Path) -> None:
@@ -111,13 +126,11 @@ def _make_dir(directory: Path) -> None:
 class _Tools:
     """Runs build tools with the build's environment, streaming their output line by line."""
 
-    def __init__(self, env: dict[str, str], log: Log, timeout: float, preexec: Callable[[], None] | None,
-                 hand_over: Callable[[Path], None]) -> None:
+    def __init__(self, env: dict[str, str], log: Log, timeout: float, preexec: Callable[[], None] | None) -> None:
         self.env = env
         self.log = log
         self.timeout = timeout
         self.preexec = preexec
-        self.hand_over = hand_over
 
     def which(self, name: str, env: dict[str, str] | None = None) -> str | None:
         return shutil.which(name, path=(env or self.env).get("PATH", os.defpath))
@@ -142,7 +155,7 @@ class _Tools:
             why = "the interpreter it names is missing" if exc.errno == errno.ENOENT else exc.strerror
             raise BuildError(f"cannot run {executable}: {why}. Builds run as the app's user: the tool, and the "
                              "interpreter a script names, must be readable and executable by all users") from None
-        tail: deque[str] = deque(maxlen=40)
+        tail: deque[str] = deque(maxlen=FAILURE_TAIL_LINES)
         try:
             await asyncio.wait_for(self._pump(proc, tail), self.timeout)
         except TimeoutError:
@@ -152,7 +165,7 @@ class _Tools:
                 _kill_group(proc)
                 await proc.wait()
         if proc.returncode != 0:
-            errors = [line for line in tail if ERROR_LINE.match(line)] or list(tail)[-8:]
+            errors = failure_excerpt(tail)
             raise BuildError("\n".join([f"`{shown}` failed with exit status {proc.returncode}:", *errors]))
 
     async def _pump(self, proc: asyncio.subprocess.Process, tail: deque[str]) -> None:
@@ -197,18 +210,37 @@ class _Tools:
 class NativeBuilder:
     name = "native"
 
-    def __init__(self, extra_ca_file: Path | None = None, *, step_timeout: float = STEP_TIMEOUT) -> None:
+    def __init__(self, extra_ca_file: Path | None = None, *, limits: Limits | None = None,
+                 step_timeout: float = STEP_TIMEOUT) -> None:
         self.extra_ca_file = extra_ca_file
+        self.limits = limits or Limits()
         self.step_timeout = step_timeout
 
     async def build(self, src: Path, detection: Detection, cache: Path, env: dict[str, str], log: Log,
                     sandbox: Sandbox | None = None) -> BuildResult:
-        src, cache = src.resolve(), cache.resolve()
+        try:
+            return await self._build(src, detection, cache, env, log, sandbox)
+        except (owned.UnsafeAppFile, DetectError) as exc:
+            raise BuildError(str(exc)) from None
+
+    async def _build(self, src: Path, detection: Detection, cache: Path, env: dict[str, str], log: Log,
+                     sandbox: Sandbox | None) -> BuildResult:
+        if detection.has_dockerfile:
+            if not (detection.stacks or detection.procfile):
+                raise BuildError(f"{DOCKERFILE_FOUND}, and there is nothing else to build: add a Procfile with a "
+                                 "web: line, or the app's own files (requirements.txt, pyproject.toml, package.json, "
+                                 "go.mod, index.html)")
+            log(f"{DOCKERFILE_FOUND}; building with the native builder from the other files instead")
         hand_over = sandbox.hand_over if sandbox is not None else _make_dir
-        for directory in (cache, *(cache / name for name in CACHE_DIRS)):
-            hand_over(directory)
-        tools = _Tools(self._tool_env(env, cache), log, self.step_timeout,
-                       sandbox.preexec if sandbox is not None else None, hand_over)
+
+        def prepare() -> tuple[Path, Path, dict[str, str]]:
+            resolved = cache.resolve()
+            for directory in (resolved, *(resolved / name for name in CACHE_DIRS)):
+                hand_over(directory)
+            return src.resolve(), resolved, self._tool_env(env, resolved)
+
+        src, cache, tool_env = await asyncio.to_thread(prepare)
+        tools = _Tools(tool_env, log, self.step_timeout, sandbox.preexec if sandbox is not None else None)
         steps = {"node": self._node, "python": self._python, "go": self._go, "static": self._static}
         layers = [await steps[stack](src, detection, cache, tools) for stack in detection.stacks]
         processes = dict(detection.procfile) or _default_processes(layers)
@@ -225,7 +257,7 @@ class NativeBuilder:
 
     def _tool_env(self, env: dict[str, str], cache: Path) -> dict[str, str]:
         host = {k: v for k, v in os.environ.items() if k in HOST_ENV or k.startswith(HOST_ENV_PREFIXES)}
-        tool_env = {**host, **env}
+        tool_env = {**host, **{k: v for k, v in env.items() if k not in BUILD_ENV_IGNORED}}
         tool_env["PATH"] = _without_own_venv(tool_env.get("PATH", os.defpath))
         tool_env.update({
             "PYTHONUNBUFFERED": "1",
@@ -237,12 +269,14 @@ class NativeBuilder:
             "GOMODCACHE": str(cache / "go" / "mod"), "GOCACHE": str(cache / "go" / "build"),
         })
         if self.extra_ca_file is not None:
-            bundle = str(self._ca_bundle(cache, tool_env))
+            bundle = str(self._ca_bundle(cache, host))
             tool_env.update(dict.fromkeys(CA_VARS, bundle))
         return tool_env
 
-    def _ca_bundle(self, cache: Path, env: dict[str, str]) -> Path:
-        """The host's trusted CAs plus the extra file: pip and npm replace their defaults with a given bundle."""
+    def _ca_bundle(self, cache: Path, host: dict[str, str]) -> Path:
+        """The host's trusted CAs plus the extra file: pip and npm replace their defaults with a given bundle.
+
+        The sources come from the daemon's own environment only: root copies them where the app can read them."""
         assert self.extra_ca_file is not None
         try:
             extra = self.extra_ca_file.read_text()
@@ -251,7 +285,7 @@ class NativeBuilder:
         if "-----BEGIN CERTIFICATE-----" not in extra:
             raise BuildError(f"the extra CA file {self.extra_ca_file} holds no PEM certificate")
         defaults = ssl.get_default_verify_paths()
-        sources = [env.get(k) for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT")]
+        sources = [host.get(k) for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT")]
         sources += [defaults.cafile, defaults.openssl_cafile, _certifi_bundle()]
         parts = []
         for source in dict.fromkeys(os.path.realpath(s) for s in sources if s and os.path.isfile(s)):
@@ -269,53 +303,62 @@ class NativeBuilder:
     # python
 
     async def _python(self, src: Path, detection: Detection, cache: Path, tools: _Tools) -> _Layer:
-        python, version = await self._interpreter(detection.python_version, cache, tools)
-        install = _python_install(src, detection.python_manager or "pip")
+        python, version = await self._interpreter(detection, cache, tools)
+        install = await asyncio.to_thread(self._python_install, src, detection.python_manager or "pip")
         if install.tool != "pip" and tools.which(install.tool) is None:
             raise BuildError(MISSING_TOOL[install.tool])
         if install.reads_source:
             # Installs that copy or point at the app's own files live and die with this build.
-            venv = src / ".venv"
+            base, entry = src, ".venv"
             tools.log(f"{install.inputs} installs files from the app itself: building a fresh environment in .venv")
-            await asyncio.to_thread(shutil.rmtree, venv, ignore_errors=True)
-            await self._install_python(src, venv, python, install, tools)
+            await _remove(base, entry, tools)
+            await self._install_python(src, base / entry, python, install, tools)
         else:
-            venv = cache / "python" / _digest(python, version, install.tool, *install.material)
-            async with _locked(venv, self.step_timeout):
-                if (venv / READY).is_file():
+            base, entry = cache, f"python/{_digest(python, version, install.tool, *install.material)}"
+            async with _locked(cache, entry, self.step_timeout):
+                if await asyncio.to_thread(owned.is_file, cache, f"{entry}/{READY}"):
                     tools.log(f"Reusing the Python environment: Python {version} and {install.inputs} unchanged")
                 else:
                     tools.log(f"Installing Python dependencies from {install.inputs} with {install.tool}")
-                    await asyncio.to_thread(shutil.rmtree, venv, ignore_errors=True)
-                    await self._install_python(src, venv, python, install, tools)
-                    _mark_ready(venv, python=python, version=version, tool=install.tool)
-        web, no_web = _python_web(src, venv)
+                    await _remove(cache, entry, tools)
+                    await self._install_python(src, cache / entry, python, install, tools)
+                    await asyncio.to_thread(_mark_ready, cache, entry, python=python, version=version,
+                                            tool=install.tool)
+        venv = base / entry
+        await self._collectstatic(src, venv, tools)
+        web, no_web = (None, "") if detection.procfile else \
+            await asyncio.to_thread(_python_web, src, base, entry, self.limits.max_app_files)
         return _Layer(path=(str(venv / "bin"),), env={"VIRTUAL_ENV": str(venv)}, web=web, no_web=no_web)
 
-    async def _interpreter(self, wanted: str | None, cache: Path, tools: _Tools) -> tuple[str, str]:
-        """The host Python matching the app's version file (same minor version), as (executable, x.y.z)."""
+    async def _interpreter(self, detection: Detection, cache: Path, tools: _Tools) -> tuple[str, str]:
+        """The host Python matching the app's version file (same minor version), as (executable, x.y.z).
+
+        Each candidate is probed as the app's user: one it cannot run (root's pyenv, say) is no candidate,
+        and the error says that it is there but out of the app's reach."""
+        wanted, version_file = detection.python_version, detection.python_version_file or ".python-version"
         minor = ".".join(wanted.split(".")[:2]) if wanted else ""
+        pyenv, on_path = await asyncio.to_thread(_host_pythons, minor)
         candidates = [tools.which(f"python{minor}")] if minor else []
-        if minor:
-            versions = Path(tools.env.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-            installed = [d / "bin" / f"python{minor}" for d in (versions.iterdir() if versions.is_dir() else ())
-                         if d.name == minor or d.name.startswith(f"{minor}.")]
-            candidates += [str(p) for p in sorted(installed, key=lambda p: _version_key(p.parts[-3]), reverse=True)]
+        candidates += [executable for name, executable in pyenv if name == minor or name.startswith(f"{minor}.")]
         candidates.append(tools.which("python3"))
-        found: dict[str, str] = {}
-        for candidate in dict.fromkeys(c for c in candidates if c):
-            # Probe from the cache, not the app: a pyenv shim would otherwise obey the app's .python-version.
-            probe = await tools.output([candidate, "-c", PROBE], cwd=cache)
-            if probe and len(lines := probe.splitlines()) == 2:
-                found.setdefault(lines[0], lines[1])
+        found = await _probe_pythons(candidates, cache, tools)
         if not found and not wanted:
             raise BuildError("Python is not installed on the build host: install Python 3 so `python3` is on "
                              "the PATH, or add a Dockerfile")
         matching = [(p, v) for p, v in found.items() if not wanted or v == wanted or v.startswith(f"{minor}.")]
         if not matching:
-            have = ", ".join(sorted(set(found.values()), key=_version_key)) or "none"
-            raise BuildError(f"Python {wanted} is requested by the app but not installed on the build host "
-                             f"(found: {have}): install it (e.g. pyenv install {minor}) or change .python-version")
+            usable = await _probe_pythons([tools.which(f"python{m}") for m in PYTHON_MINORS]
+                                          + [executable for _, executable in pyenv], cache, tools)
+            have = ", ".join(sorted(set(usable.values()) | set(found.values()), key=_version_key)) or "none"
+            unreachable = [name for name, _ in pyenv if name == minor or name.startswith(f"{minor}.")]
+            unreachable += [minor] if on_path and not unreachable and on_path not in usable else []
+            how = INSTALL_PYTHON.format(file=version_file)
+            if unreachable:
+                raise BuildError(f"Python {unreachable[0]} is installed on the build host, but where the app's user "
+                                 f"cannot run it (builds run as the app's own user; root's pyenv, say, is private "
+                                 f"to root). The versions the app can use: {have}. To use {minor}, {how}")
+            raise BuildError(f"Python {wanted} is requested by {version_file} but not installed on the build host. "
+                             f"The versions the app can use: {have}. To use {minor}, {how}")
         python, version = next(((p, v) for p, v in matching if v == wanted), matching[0])
         if not wanted:
             tools.log(f"Using Python {version} ({python}); add a .python-version file to choose the version")
@@ -324,6 +367,39 @@ class NativeBuilder:
         else:
             tools.log(f"Using Python {version} ({python}): {wanted} was requested, the same minor version")
         return python, version
+
+    def _python_install(self, src: Path, manager: str) -> _PythonInstall:
+        """What to run and what the environment depends on. Blocking (it reads the app's manifests)."""
+        def read(name: str, required: bool = False) -> bytes:
+            data = owned.read_file(src, name, self.limits.max_manifest_bytes, setting="max_manifest_bytes")
+            if data is None and required:
+                raise BuildError(f"{name} is gone: it was there when the push was detected")
+            return data or b""
+
+        pyproject = read("pyproject.toml")
+        if manager == "uv":
+            return _PythonInstall("uv", "pyproject.toml and uv.lock", (pyproject, read("uv.lock", True)),
+                                  ("uv", "sync", "--locked", "--no-dev", "--no-install-project"))
+        if manager == "poetry":
+            return _PythonInstall("poetry", "pyproject.toml and poetry.lock", (pyproject, read("poetry.lock")),
+                                  ("poetry", "install", "--only", "main", "--no-root", "--no-interaction", "--no-ansi"))
+        if manager == "pipenv":
+            if not owned.exists(src, "Pipfile.lock"):
+                raise BuildError("Pipfile found without Pipfile.lock: run `pipenv lock` and commit Pipfile.lock")
+            return _PythonInstall("pipenv", "Pipfile and Pipfile.lock", (read("Pipfile", True), read("Pipfile.lock")),
+                                  ("pipenv", "install", "--deploy"))
+        if owned.exists(src, "requirements.txt"):
+            texts, uncached = _requirement_files(src, self.limits.max_manifest_bytes)
+            return _PythonInstall("pip", "requirements.txt", tuple(t.encode() for t in texts),
+                                  ("pip", "install", "-r", "requirements.txt"),
+                                  reads_source=uncached or any(_reads_source(t) for t in texts))
+        project = parse_pyproject(pyproject.decode("utf-8", "replace")).get("project", {})
+        if "dependencies" in project.get("dynamic", []) or "name" not in project:
+            return _PythonInstall("pip", "pyproject.toml", (pyproject,), ("pip", "install", "."), reads_source=True)
+        dependencies = [str(d) for d in project.get("dependencies", [])]
+        # Like `uv sync --no-install-project`: the dependencies only; the app runs from its own directory.
+        return _PythonInstall("pip", "the dependencies in pyproject.toml", (json.dumps(dependencies).encode(),),
+                              ("pip", "install", *dependencies) if dependencies else ())
 
     async def _install_python(self, src: Path, venv: Path, python: str, install: _PythonInstall,
                               tools: _Tools) -> None:
@@ -340,6 +416,22 @@ class NativeBuilder:
         if install.argv:
             await tools.run(list(install.argv), cwd=src, env=env)
 
+    async def _collectstatic(self, src: Path, venv: Path, tools: _Tools) -> None:
+        """As Heroku's Python buildpack does for Django apps, with the app's config vars in the environment."""
+        if not await asyncio.to_thread(owned.is_file, src, "manage.py"):
+            return
+        python = str(venv / "bin" / "python")
+        if await tools.output([python, "-c", "import django"], cwd=src) is None:
+            return
+        if tools.env.get("DISABLE_COLLECTSTATIC", "0") not in ("", "0"):
+            tools.log("Skipping Django's collectstatic: DISABLE_COLLECTSTATIC is set")
+            return
+        try:
+            await tools.run([python, "manage.py", "collectstatic", "--noinput", "--traceback"], cwd=src,
+                            env={"PYTHONPATH": tools.env.get("PYTHONPATH") or "."})
+        except BuildError as exc:
+            raise BuildError(f"{exc}\n{COLLECTSTATIC_ADVICE}") from None
+
     # node
 
     async def _node(self, src: Path, detection: Detection, cache: Path, tools: _Tools) -> _Layer:
@@ -354,146 +446,187 @@ class NativeBuilder:
         manager_version = await tools.output([manager, "--version"], cwd=src) or "unknown"
         engine = f" (package.json engines.node: {detection.node_engine})" if detection.node_engine else ""
         tools.log(f"Using Node.js {node_version}{engine} and {manager} {manager_version}")
-        package = json.loads((src / "package.json").read_text(encoding="utf-8"))
+        package, lockfiles, in_place_files = await asyncio.to_thread(self._node_inputs, src, manager)
         scripts = package.get("scripts") if isinstance(package.get("scripts"), dict) else {}
         script_env = {"NODE_ENV": tools.env.get("NODE_ENV", "production")}
         modern_yarn = manager == "yarn" and not manager_version.startswith("1.")
-        if modern_yarn or _node_reads_source(src, package):
+        if modern_yarn or _node_reads_source(package) or in_place_files["pnpm-workspace.yaml"]:
             # Workspaces, local packages and Yarn 2+ (its own release and settings in the tree) need the whole app.
             tools.log("Installing Node.js dependencies in place (workspaces, local packages or Yarn 2+ need the "
                       "whole app), without the node_modules cache")
-            has_lockfile = any(m == manager and (src / name).is_file() for name, m in NODE_LOCKFILES)
-            await tools.run(_node_install_argv(manager, modern_yarn, has_lockfile, cache), cwd=src,
+            await tools.run(_node_install_argv(manager, modern_yarn, bool(lockfiles), cache), cwd=src,
                             env=NODE_INSTALL_ENV)
         else:
-            await self._node_modules(src, package, manager, node_version, manager_version, cache, tools)
+            await self._node_modules(src, package, lockfiles, manager, node_version, manager_version, cache, tools)
             for hook in NODE_INSTALL_HOOKS:
                 if hook in scripts:
                     await tools.run([manager, "run", hook], cwd=src, env=script_env)
         build = next((name for name in ("heroku-postbuild", "build") if name in scripts), None)
         if build:
             await tools.run([manager, "run", build], cwd=src, env=script_env)
-        starts = "start" in scripts or (src / "server.js").is_file()
+        starts = "start" in scripts or await asyncio.to_thread(owned.is_file, src, "server.js")
         return _Layer(path=(str(src / "node_modules" / ".bin"),), env={"NODE_ENV": "production"},
                       web=f"{manager} start" if starts else None,
                       no_web="No Procfile, and package.json has no \"start\" script (nor is there a server.js): "
                              "add a start script, or a Procfile with a web: line")
 
-    async def _node_modules(self, src: Path, package: dict, manager: str, node_version: str, manager_version: str,
-                            cache: Path, tools: _Tools) -> None:
+    def _node_inputs(self, src: Path, manager: str) -> tuple[dict, list[tuple[str, bytes]], dict[str, bool]]:
+        """package.json, the manager's lockfile and rc files (name, bytes), and which in-place markers exist.
+        Blocking (it reads the app's files)."""
+        bound = self.limits.max_manifest_bytes
+        text = owned.read_text(src, "package.json", bound, setting="max_manifest_bytes")
+        if text is None:
+            raise BuildError("package.json is gone: it was there when the push was detected")
+        # Whatever is there is read (and refused unless a plain file): a lockfile turned into a FIFO is no reason
+        # to install without one.
+        lockfile = next((name for name, m in NODE_LOCKFILES if m == manager and owned.exists(src, name)), None)
+        files = []
+        for name in (lockfile, *NODE_RC_FILES):
+            data = owned.read_file(src, name, bound, setting="max_manifest_bytes") if name else None
+            if data is not None:
+                files.append((name, data))
+        return parse_package_json(text), files, {"pnpm-workspace.yaml": owned.is_file(src, "pnpm-workspace.yaml")}
+
+    async def _node_modules(self, src: Path, package: dict, files: list[tuple[str, bytes]], manager: str,
+                            node_version: str, manager_version: str, cache: Path, tools: _Tools) -> None:
         """Install into a cache directory keyed by the dependency manifest and lockfile, then link it into src."""
-        lockfile = next((name for name, m in NODE_LOCKFILES if m == manager and (src / name).is_file()), None)
+        lockfile = next((name for name, _ in files if name not in NODE_RC_FILES), None)
         # Scripts run from the app's own tree, after the link: they are not part of the dependencies.
         manifest = json.dumps({k: v for k, v in package.items() if k != "scripts"}, sort_keys=True).encode()
-        copied = [name for name in (lockfile, *NODE_RC_FILES) if name and (src / name).is_file()]
-        target = cache / "node" / _digest(node_version, manager, manager_version, manifest,
-                                          *(name.encode() + b"\0" + (src / name).read_bytes() for name in copied))
+        entry = "node/" + _digest(node_version, manager, manager_version, manifest,
+                                  *(name.encode() + b"\0" + data for name, data in files))
         inputs = f"package.json dependencies and {lockfile}" if lockfile else "package.json dependencies"
-        async with _locked(target, self.step_timeout):
-            if (target / READY).is_file():
+        async with _locked(cache, entry, self.step_timeout):
+            if await asyncio.to_thread(owned.is_file, cache, f"{entry}/{READY}"):
                 tools.log(f"Reusing node_modules: Node.js {node_version} and {inputs} unchanged")
             else:
                 tools.log(f"Installing Node.js dependencies from {inputs} with {manager}")
-                await asyncio.to_thread(shutil.rmtree, target, ignore_errors=True)
-                tools.hand_over(target)
-                write_beneath(target, "package.json", manifest)
-                for name in copied:
-                    write_beneath(target, name, read_beneath(src, name))
-                await tools.run(_node_install_argv(manager, False, lockfile is not None, cache), cwd=target,
+                await _remove(cache, entry, tools)
+                # Made by the app's user: a directory root made under the app's cache would be reached through
+                # whatever the app has turned `node` into by then.
+                if await tools.output(["mkdir", "-p", "--", entry], cwd=cache) is None:
+                    raise BuildError(f"cannot create the cache directory {entry}")
+                await asyncio.to_thread(_write_files, cache, entry, [("package.json", manifest), *files])
+                await tools.run(_node_install_argv(manager, False, lockfile is not None, cache), cwd=cache / entry,
                                 env=NODE_INSTALL_ENV)
-                _mark_ready(target, node=node_version, manager=manager)
-        if (src / "node_modules").exists():
+                await asyncio.to_thread(_mark_ready, cache, entry, node=node_version, manager=manager)
+        if await asyncio.to_thread(owned.exists, src, "node_modules"):
             tools.log("Replacing the node_modules directory committed to the repository")
-            await asyncio.to_thread(shutil.rmtree, src / "node_modules")
-        if (target / "node_modules").is_dir():
-            await _link_tree(target / "node_modules", src / "node_modules", tools)
+            await _remove(src, "node_modules", tools)
+        if await asyncio.to_thread(owned.is_directory, cache, f"{entry}/node_modules"):
+            await _link_tree(cache / entry / "node_modules", src / "node_modules", tools)
 
     # go and static sites
 
     async def _go(self, src: Path, detection: Detection, cache: Path, tools: _Tools) -> _Layer:
+        """Like Heroku's Go buildpack: each main package becomes bin/<last element of its import path>."""
         if tools.which("go") is None:
             raise BuildError("go.mod found, but Go is not installed on the build host: install Go "
                              "(https://go.dev/dl/) so `go` is on the PATH, or add a Dockerfile")
         await tools.run(["go", "version"], cwd=src)
-        await tools.run(["go", "build", "-o", "bin/app", "."], cwd=src)
-        return _Layer(web="bin/app")
+        await tools.run(["go", "build", "-o", "bin/", "./..."], cwd=src)
+        listed = await tools.output(["go", "list", "-f", '{{if eq .Name "main"}}{{.ImportPath}}{{end}}', "./..."],
+                                    cwd=src) or ""
+        programs = {path: f"bin/{_go_executable_name(path)}" for path in listed.split()}
+        module = detection.go_module
+        where = {path: "." + path.removeprefix(module) if module and path.startswith(module) else path
+                 for path in programs}
+        tools.log("Built " + (", ".join(f"{binary} (from {where[path]})" for path, binary in programs.items())
+                              or "no program: the module has no main package"))
+        if module in programs:
+            return _Layer(web=programs[module])
+        if len(programs) == 1:
+            return _Layer(web=next(iter(programs.values())))
+        if programs:
+            first = next(iter(programs.values()))
+            return _Layer(no_web=f"No Procfile, and several Go programs were built, none from the module's root "
+                                 f"package: add a Procfile with a web: line, e.g. 'web: {first}'")
+        return _Layer(no_web="No Procfile, and the module has no main package to run: add one, or a Procfile with a "
+                             "web: line")
 
     async def _static(self, src: Path, detection: Detection, cache: Path, tools: _Tools) -> _Layer:
-        root = _static_root(src)
+        root = await asyncio.to_thread(_static_root, src)
         tools.log(f"Static site: serving {root}/" if root != "." else "Static site: serving the app's root directory")
         # The server goes into the build, run by the host's python3: the artifact needs nothing of DevFlow's.
         python = tools.which("python3")
         if python is None:
             raise BuildError("python3 is not installed on the build host; static sites are served with it")
         target = ".devflow/static_server.py"
-        write_beneath(src, target, Path(static_server.__file__).read_bytes())
+        await asyncio.to_thread(_copy_static_server, src, target)
         server = shlex.join([python, "-I", str(src / target), root])
         return _Layer(web=server)
 
 
 def _default_processes(layers: list[_Layer]) -> dict[str, str]:
     """Without a Procfile the last stack built (the app itself, not its assets) names the web process."""
-    if not layers:
-        raise BuildError("No Procfile, and nothing the native builder can build (only a Dockerfile, which the "
-                         "native builder does not run): add a Procfile with a web: line")
     if layers[-1].web is None:
         raise BuildError(layers[-1].no_web)
     return {"web": layers[-1].web}
 
 
-def _python_install(src: Path, manager: str) -> _PythonInstall:
-    pyproject = (src / "pyproject.toml").read_bytes() if (src / "pyproject.toml").is_file() else b""
-    if manager == "uv":
-        return _PythonInstall("uv", "pyproject.toml and uv.lock", (pyproject, (src / "uv.lock").read_bytes()),
-                              ("uv", "sync", "--locked", "--no-dev", "--no-install-project"))
-    if manager == "poetry":
-        lock = (src / "poetry.lock").read_bytes() if (src / "poetry.lock").is_file() else b""
-        return _PythonInstall("poetry", "pyproject.toml and poetry.lock", (pyproject, lock),
-                              ("poetry", "install", "--only", "main", "--no-root", "--no-interaction", "--no-ansi"))
-    if manager == "pipenv":
-        if not (src / "Pipfile.lock").is_file():
-            raise BuildError("Pipfile found without Pipfile.lock: run `pipenv lock` and commit Pipfile.lock")
-        return _PythonInstall("pipenv", "Pipfile and Pipfile.lock",
-                              ((src / "Pipfile").read_bytes(), (src / "Pipfile.lock").read_bytes()),
-                              ("pipenv", "install", "--deploy"))
-    if (src / "requirements.txt").is_file():
-        files = _requirement_files(src / "requirements.txt")
-        return _PythonInstall("pip", "requirements.txt", tuple(f.read_bytes() for f in files),
-                              ("pip", "install", "-r", "requirements.txt"),
-                              reads_source=any(_reads_source(f) for f in files))
-    project = tomllib.loads(pyproject.decode("utf-8")).get("project", {})
-    if "dependencies" in project.get("dynamic", []) or "name" not in project:
-        return _PythonInstall("pip", "pyproject.toml", (pyproject,), ("pip", "install", "."), reads_source=True)
-    dependencies = [str(d) for d in project.get("dependencies", [])]
-    # Like `uv sync --no-install-project`: the dependencies only; the app runs from its own directory.
-    return _PythonInstall("pip", "the dependencies in pyproject.toml", (json.dumps(dependencies).encode(),),
-                          ("pip", "install", *dependencies) if dependencies else ())
+def _copy_static_server(src: Path, target: str) -> None:
+    owned.write_file(src, target, Path(static_server.__file__).read_bytes())
 
 
-def _requirement_files(first: Path) -> list[Path]:
-    """requirements.txt and every file it includes with -r/-c: together they decide the environment."""
-    files: list[Path] = []
-    queue = [first]
+def _write_files(base: Path, directory: str, files: list[tuple[str, bytes]]) -> None:
+    for name, data in files:
+        owned.write_file(base, f"{directory}/{name}", data)
+
+
+async def _remove(base: Path, relative: str, tools: _Tools) -> None:
+    """Remove a tree of the app's, as the app's user: root walking it could be sent anywhere by a link, or
+    stopped by a FIFO, that the app swaps in while the walk is under way."""
+    if await asyncio.to_thread(owned.exists, base, relative):
+        await tools.run(["rm", "-rf", "--", relative], cwd=base)
+
+
+def _requirement_files(src: Path, budget: int) -> tuple[list[str], bool]:
+    """requirements.txt and every file it includes with -r/-c, which together decide the environment, and
+    whether something else does (a URL, a file outside the app, more includes than are followed): then the
+    environment is not cacheable. All of them together are bounded by `budget` bytes."""
+    texts: list[str] = []
+    seen: set[str] = set()
+    queue = ["requirements.txt"]
+    uncached = False
+    left = budget
     while queue:
         current = queue.pop()
-        if current in files or not current.is_file():
+        if current in seen:
             continue
-        files.append(current)
-        for line in _requirement_lines(current):
+        if len(seen) == MAX_REQUIREMENT_FILES:
+            uncached = True
+            break
+        seen.add(current)
+        try:
+            data = owned.read_file(src, current, left)
+        except owned.FileTooLarge:
+            what = "requirements.txt is" if not texts else "requirements.txt and the files it includes are"
+            raise owned.FileTooLarge(f"{what} larger than {byte_size(budget)}{' in all' if texts else ''} (an admin "
+                                     "can raise the limit with devflow up --max-manifest-bytes)") from None
+        if data is None:
+            continue
+        left -= len(data)
+        text = data.decode("utf-8", "replace")
+        texts.append(text)
+        for line in _requirement_lines(text):
             match = re.match(r"^(?:-r|-c|--requirement|--constraint)(?:\s*=\s*|\s+)(\S+)", line)
             if match:
-                queue.append((current.parent / match[1]).resolve())
-    return files
+                included = os.path.normpath(PurePosixPath(current).parent / match[1])
+                if "://" in match[1] or os.path.isabs(included) or included.startswith(".."):
+                    uncached = True  # pip reads it, as the app's user; the daemon does not
+                else:
+                    queue.append(included)
+    return texts, uncached
 
 
-def _requirement_lines(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="replace").replace("\\\n", " ")
+def _requirement_lines(text: str) -> list[str]:
+    text = text.replace("\\\n", " ")
     return [line for line in (re.sub(r"(^|\s)#.*$", "", raw).strip() for raw in text.splitlines()) if line]
 
 
-def _reads_source(path: Path) -> bool:
+def _reads_source(requirements: str) -> bool:
     """Editable installs, local paths and local wheel directories make the environment depend on the tree."""
-    for line in _requirement_lines(path):
+    for line in _requirement_lines(requirements):
         if line.startswith(("-e", "--editable", ".", "/", "file:")) or "@ file:" in line:
             return True
         match = re.match(r"^(?:-f|--find-links)(?:\s*=\s*|\s+)(\S+)", line)
@@ -502,13 +635,13 @@ def _reads_source(path: Path) -> bool:
     return False
 
 
-def _python_web(src: Path, venv: Path) -> tuple[str | None, str]:
-    """gunicorn serving the one obvious WSGI app, or why there is no default."""
+def _python_web(src: Path, base: Path, venv: str, max_entries: int) -> tuple[str | None, str]:
+    """gunicorn serving the one obvious WSGI app, or why there is no default. Blocking (it reads the app)."""
     example = "'web: gunicorn app:app' or 'web: python app.py'"
-    if not (venv / "bin" / "gunicorn").exists():
+    if not owned.is_file(base, f"{venv}/bin/gunicorn"):
         return None, f"No Procfile, and gunicorn is not among the dependencies: add a Procfile with a web: line " \
                      f"(e.g. {example}), or add gunicorn and a WSGI app"
-    targets = _wsgi_targets(src)
+    targets = _wsgi_targets(src, max_entries)
     if len(targets) == 1:
         return f"gunicorn {targets[0]} --bind 0.0.0.0:$PORT", ""
     if targets:
@@ -518,26 +651,28 @@ def _python_web(src: Path, venv: Path) -> tuple[str | None, str]:
                  f"`application`: add a Procfile with a web: line (e.g. {example})"
 
 
-def _wsgi_targets(src: Path) -> list[str]:
+def _wsgi_targets(src: Path, max_entries: int) -> list[str]:
     targets = []
     for module in WSGI_MODULES:
-        names, imports = _top_level(src / f"{module}.py")
+        names, imports = _top_level(src, f"{module}.py")
         if imports & ASGI_FRAMEWORKS:
             continue
         attribute = next((a for a in ("application", "app") if a in names), None)
         if attribute:
             targets.append(f"{module}:{attribute}")
-    if (src / "manage.py").is_file():  # Django: <project>/wsgi.py defines `application`
-        targets += [f"{wsgi.parent.name}.wsgi" for wsgi in sorted(src.glob("*/wsgi.py"))
-                    if "application" in _top_level(wsgi)[0]]
+    if owned.is_file(src, "manage.py"):  # Django: <project>/wsgi.py defines `application`
+        targets += [f"{project}.wsgi" for project in owned.subdirectories(src, "", max_entries)
+                    if "application" in _top_level(src, f"{project}/wsgi.py")[0]]
     return targets
 
 
-def _top_level(path: Path) -> tuple[set[str], set[str]]:
-    """Names a module binds at top level, and the top-level packages it imports."""
+def _top_level(src: Path, module: str) -> tuple[set[str], set[str]]:
+    """Names a module binds at top level, and the top-level packages it imports; nothing for a module that is
+    missing, not a plain file, too large to be an entry point, or not Python."""
     try:
-        tree = ast.parse(path.read_bytes())
-    except (OSError, SyntaxError, ValueError):
+        source = owned.read_file(src, module, SCANNED_SOURCE_BYTES)
+        tree = ast.parse(source or b"")
+    except (owned.UnsafeAppFile, SyntaxError, ValueError, RecursionError, MemoryError):
         return set(), set()
     names: set[str] = set()
     imports: set[str] = set()
@@ -554,12 +689,12 @@ def _top_level(path: Path) -> tuple[set[str], set[str]]:
     return names, imports
 
 
-def _node_reads_source(src: Path, package: dict) -> bool:
+def _node_reads_source(package: dict) -> bool:
     sections = ("dependencies", "devDependencies", "optionalDependencies")
     specs = [spec for s in sections if isinstance(package.get(s), dict) for spec in package[s].values()]
     local = any(isinstance(spec, str) and spec.startswith(("file:", "link:", "workspace:", "portal:", ".", "/"))
                 for spec in specs)
-    return local or "workspaces" in package or (src / "pnpm-workspace.yaml").is_file()
+    return local or "workspaces" in package
 
 
 def _node_install_argv(manager: str, modern_yarn: bool, has_lockfile: bool, cache: Path) -> list[str]:
@@ -571,19 +706,60 @@ def _node_install_argv(manager: str, modern_yarn: bool, has_lockfile: bool, cach
     return ["npm", "ci" if has_lockfile else "install", "--include=dev", "--no-audit", "--no-fund"]
 
 
+def _go_executable_name(import_path: str) -> str:
+    """What `go build -o dir/` names a main package: its import path's last element, skipping a major
+    version suffix (example.com/tool/v2 -> tool)."""
+    parent, _, last = import_path.rpartition("/")
+    if parent and re.fullmatch(r"v[1-9][0-9]*", last):
+        return parent.rpartition("/")[2]
+    return last
+
+
 def _static_root(src: Path) -> str:
-    """The directory to serve: the first line of .static when it names one (e.g. `dist`), else the root."""
-    marker = src / ".static"
-    if marker.is_symlink():
-        # Build scripts ran as the app user before this root-side read: a link could point anywhere.
-        raise BuildError(".static must be a plain file, not a symlink")
-    lines = marker.read_text(encoding="utf-8", errors="replace").splitlines() if marker.is_file() else []
+    """The directory to serve: the first line of .static when it names one (e.g. `dist`), else the root.
+    Blocking (it reads the app)."""
+    lines = (owned.read_text(src, ".static", MARKER_FILE_BYTES) or "").splitlines()
     root = next((line.strip() for line in lines if line.strip() and not line.startswith("#")), ".")
-    resolved = (src / root).resolve()
-    if os.path.isabs(root) or not resolved.is_relative_to(src) or not resolved.is_dir():
-        raise BuildError(f".static names {root!r}, which is not a directory inside the app "
-                         "(after the build): write a relative directory like `dist`, or leave .static empty")
+    refusal = BuildError(f".static names {root[:80]!r}, which is not a directory inside the app (after the build): "
+                         "write a relative directory like `dist`, or leave .static empty")
+    if os.path.isabs(root) or "\0" in root:
+        raise refusal
+    try:
+        if not owned.is_directory(src, root):
+            raise refusal
+    except owned.UnsafeAppFile:
+        raise refusal from None
     return root
+
+
+def _host_pythons(minor: str) -> tuple[list[tuple[str, str]], str | None]:
+    """What the daemon sees installed, whether the app's user can run it or not: (version, executable) of each
+    pyenv Python (PYENV_ROOT, else ~/.pyenv), and python<minor> on the daemon's PATH. From the daemon's own
+    environment, not the app's: an app's config cannot point the daemon at a directory of its choosing."""
+    on_path = shutil.which(f"python{minor}", path=os.environ.get("PATH", os.defpath)) if minor else None
+    versions = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    try:
+        with os.scandir(versions) as entries:
+            names = [entry.name for _, entry in zip(range(1000), entries, strict=False)]
+    except OSError:
+        return [], on_path
+    found = []
+    for name in sorted(names, key=_version_key, reverse=True):
+        match = re.match(r"^(\d+)\.(\d+)", name)
+        if match:
+            found.append((name, str(versions / name / "bin" / f"python{match[1]}.{match[2]}")))
+    return found, on_path
+
+
+async def _probe_pythons(candidates: list[str | None], cache: Path, tools: _Tools) -> dict[str, str]:
+    """Executable -> x.y.z of each candidate the app's user can run."""
+    found: dict[str, str] = {}
+    for candidate in dict.fromkeys(c for c in candidates if c):
+        # Probe from the cache, not the app: a pyenv shim would otherwise obey the app's .python-version.
+        probe = await tools.output([candidate, "-c", PROBE], cwd=cache)
+        if probe and len(lines := probe.splitlines()) == 2:
+            found.setdefault(lines[0], lines[1])
+    return found
 
 
 async def _link_tree(source: Path, target: Path, tools: _Tools) -> None:
@@ -599,23 +775,21 @@ async def _link_tree(source: Path, target: Path, tools: _Tools) -> None:
 
 
 @asynccontextmanager
-async def _locked(path: Path, timeout: float) -> AsyncIterator[None]:
+async def _locked(cache: Path, entry: str, timeout: float) -> AsyncIterator[None]:
     """One build at a time fills a cache entry; the other waits, then reuses it."""
-    # The cache belongs to the app user: never follow a link planted where the lock goes.
-    lock_fd = os.open(path.parent / f"{path.name}.lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    with open(lock_fd, "w") as handle:
+    lock_fd = await asyncio.to_thread(owned.open_for_writing, cache, f"{entry}.lock")
+    try:
         for _ in range(int(timeout / LOCK_POLL) + 1):
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 await asyncio.sleep(LOCK_POLL)
         else:
-            raise BuildError(f"another build kept the cache entry {path.name} busy for {timeout:.0f} seconds")
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            raise BuildError(f"another build kept the cache entry {entry} busy for {timeout:.0f} seconds")
+        yield
+    finally:
+        os.close(lock_fd)  # which releases the lock
 
 
 def _digest(*parts: str | bytes) -> str:

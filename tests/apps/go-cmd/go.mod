@@ -1,0 +1,3 @@
+module example.com/devflow-fixture-shop/v2
+
+go 1.19
