@@ -63,7 +63,7 @@ class ProcessUnit:
         return [pid for pid, pgid in _processes() if pgid in groups] if groups else []
 
     def kill(self) -> None:
-        """SIGKILL to every process in the unit; returns once they are gone (or KILL_WAIT has passed)."""
+        """SIGKILL to every process in the unit; with a cgroup, returns once they are gone (or KILL_WAIT passed)."""
         if self.cgroup is not None:
             self._kill_cgroup(self.cgroup)
             return

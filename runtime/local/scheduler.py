@@ -247,10 +247,10 @@ class LocalScheduler:
             await asyncio.to_thread(self._mark_crashed, instance, why)
 
     def _mark_crashed(self, instance: Instance, why: str) -> None:
-        self._unit(instance).kill()
         status = instance.status()
         if instance.alive(status) or not instance.directory.is_dir():
             return
+        self._unit(instance).kill()
         _write_private(instance.directory / "status.json", {**status, "state": "crashed", "child_pid": None})
         self.logs.write(instance.app, instance.name, why)
 
