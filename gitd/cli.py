@@ -99,16 +99,20 @@ def cmd_stop_apps(args: argparse.Namespace) -> int:
     try:
         scheduler = LocalScheduler(settings.run_dir / "processes",
                                    ProcessLogs(settings.logs_dir, settings.log_max_bytes), cgroups=Cgroups())
-        instances = [i for i in scheduler.instances() if i.alive()]
+        instances = scheduler.instances()
+        running = [i for i in instances if i.alive()]
 
         async def stop_all() -> None:
+            # Those whose supervisor died too: what is left in their units goes.
             await asyncio.gather(*(scheduler.stop(i) for i in instances))
+            await scheduler.stop_leftover_tasks()
 
         asyncio.run(stop_all())
+        scheduler.units.prune()
         routers = stop_routers(settings.run_dir)
     finally:
         lock.release()
-    print(f"stopped {len(instances)} app process(es) and {routers} router process(es)")
+    print(f"stopped {len(running)} app process(es) and {routers} router process(es)")
     return 0
 
 

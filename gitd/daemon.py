@@ -159,7 +159,8 @@ class Daemon:
         self.router = RouterProcess(settings.host, settings.router_port, settings.run_dir,
                                     settings.logs_dir / "router.log", uid=router_uid)
         logs = ProcessLogs(settings.logs_dir, self.limits.log_max_bytes)
-        scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups())
+        scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups(),
+                                   shims=self.apps_root / ".platform" / "bin")
         self.rollout = Rollout(scheduler, self.router, logs)
         deploy_settings = DeploySettings(sessions)
         self.deployments = Deployments(

@@ -207,19 +207,19 @@ class Deployments:
                 build_env = {**await asyncio.to_thread(self.config_vars.get_all, app),
                              **await asyncio.to_thread(self.scheduler.base_env, app), "HOME": str(cache / "home")}
 
-                async def build() -> BuildResult:
+                async def run_build() -> BuildResult:
                     await exported.check_out()  # network submodules, as the app's user, into its tree
                     await exported.discard()
                     return await self.builder.build(build_dir, detection, cache, build_env,
-                                                    lambda line: emit(f"       {line}"), sandbox)
+                                                    lambda line: emit(f"       {line}"), build_sandbox)
 
                 def over_disk(used: int) -> DeployFailed:
                     return DeployFailed("build", str(self.limits.refuse(
                         "max_disk_bytes", f"the builds and caches of {app} take {shown_size(used)}")))
 
-                async with self._builds:
-                    result = await within_disk_limit(self.workspace.root / app, self.limits.max_disk_bytes, build(),
-                                                     over_disk)
+                async with self._builds, self.scheduler.build_sandbox(app, deployment_id) as build_sandbox:
+                    result = await within_disk_limit(self.workspace.root / app, self.limits.max_disk_bytes,
+                                                     run_build(), over_disk)
                 timings["build"] = round(time.monotonic() - t, 3)
                 processes = dict(result.processes)
                 release_command = processes.pop("release", None)
@@ -275,7 +275,7 @@ class Deployments:
         latest = await asyncio.to_thread(self.ledger.latest, app)
         version = (latest.version if latest else 0) + 1
         env = process_env(await asyncio.to_thread(self.scheduler.base_env, app), self.platform, app, version,
-                          build.artifact, build.build_env, config, build.app_json)
+                          self.scheduler.home(build.artifact), build.build_env, config, build.app_json)
         check_environment(env)
         cwd = Path(build.artifact)
         t = time.monotonic()
@@ -386,7 +386,8 @@ class Deployments:
                        formation_override: Mapping[str, int] | None = None) -> None:
         await self._adopt_trees(app)
         env = process_env(await asyncio.to_thread(self.scheduler.base_env, app), self.platform, app,
-                          latest.version, latest.artifact, latest.build_env, latest.config, latest.app_json)
+                          latest.version, self.scheduler.home(latest.artifact), latest.build_env, latest.config,
+                          latest.app_json)
         spec = await asyncio.to_thread(self._spec, app, latest.version, Path(latest.artifact), latest.processes,
                                        env, latest.app_json, formation_override)
         try:
@@ -422,8 +423,11 @@ class Deployments:
             await self.rollout.stop_app(app, await asyncio.to_thread(self.hostnames, app))
 
     async def restore(self) -> None:
-        """At daemon start: route to app processes that kept running, restart the rest at their last release."""
-        for app, deployment_id in await asyncio.to_thread(self.records.fail_interrupted):
+        """At daemon start: what a previous daemon left unfinished fails, its processes are killed and its builds
+        removed; then route to app processes that kept running, restart the rest at their last release."""
+        interrupted = await asyncio.to_thread(self.records.fail_interrupted)
+        await self.scheduler.stop_leftover_tasks()
+        for app, deployment_id in interrupted:
             await asyncio.to_thread(self.workspace.remove_build, app, deployment_id)
         for app in await asyncio.to_thread(self.ledger.apps):
             latest = await asyncio.to_thread(self.ledger.latest, app)

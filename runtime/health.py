@@ -34,8 +34,9 @@ class HealthCheckFailed(Exception):
     pass
 
 
-def _crashed(instance: Instance) -> bool:
-    return not instance.alive() or instance.status().get("state") in ("crashed", "restarting", "stopped")
+async def _crashed(instance: Instance) -> bool:
+    """Read off the event loop: status.json, and the supervisor's command line."""
+    return await asyncio.to_thread(instance.state) in ("crashed", "restarting", "stopped", "lost")
 
 
 async def probe(client: httpx.AsyncClient, instance: Instance, check: Check) -> str | None:
@@ -67,7 +68,7 @@ async def wait_healthy(instance: Instance, checks: list[Check], say: Callable[[s
         # First the process must answer at all; polling fast here keeps deploys quick.
         deadline = time.monotonic() + DEFAULT_STARTUP_SECONDS
         while True:
-            if _crashed(instance):
+            if await _crashed(instance):
                 raise HealthCheckFailed(f"{instance.name} exited before answering on port {instance.port}")
             left = deadline - time.monotonic()
             if left <= 0:
@@ -80,7 +81,7 @@ async def wait_healthy(instance: Instance, checks: list[Check], say: Callable[[s
             await asyncio.sleep(check.initial_delay)
             why = "not tried"
             for attempt in range(1, max(check.attempts, 1) + 1):
-                if _crashed(instance):
+                if await _crashed(instance):
                     raise HealthCheckFailed(f"{instance.name} exited during health check {check.name!r}")
                 why = await probe(client, instance, check)
                 if why is None:

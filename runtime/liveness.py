@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 LIVENESS = "liveness"
 
 
+def _look(instance: Instance) -> tuple[dict, str]:
+    """status.json and what it means, read off the event loop."""
+    status = instance.status()
+    return status, instance.state(status)
+
+
 class LivenessMonitor:
     """One task per app with liveness checks, replaced at each rollout and cancelled when the app stops."""
 
@@ -56,8 +62,8 @@ class LivenessMonitor:
         failures = 0
         started_at = None
         while True:
-            status = instance.status()
-            if not instance.alive() or status.get("state") != "running" or not status.get("child_pid"):
+            status, state = await asyncio.to_thread(_look, instance)
+            if state != "running" or not status.get("child_pid"):
                 failures = 0  # starting, restarting, stopped, or its supervisor is gone: nothing to judge
                 await asyncio.sleep(max(check.wait, 0.5))
                 continue
@@ -68,22 +74,22 @@ class LivenessMonitor:
             why = await probe(client, instance, check)
             failures = 0 if why is None else failures + 1
             if failures >= max(check.attempts, 1):
-                status = instance.status()
-                if not instance.alive() or status.get("started_at") != started_at:
+                status, state = await asyncio.to_thread(_look, instance)
+                if state != "running" or status.get("started_at") != started_at:
                     continue  # it restarted meanwhile: that pid is not the one that failed
                 reason = f"liveness check {check.name!r} failed {failures} times in a row ({why})"
-                self.logs.write(app, instance.name, f"{reason}; restarting the process")
+                await asyncio.to_thread(self.logs.write, app, instance.name, f"{reason}; restarting the process")
                 log.info("%s %s: liveness check %r failed; restarting", app, instance.name, check.name)
                 await self._restart(instance, status["child_pid"], reason)
                 failures = 0
 
     async def _restart(self, instance: Instance, child_pid: int, reason: str) -> None:
         """End the process; its supervisor starts it again (SIGTERM, then SIGKILL if it will not go)."""
-        instance.request_restart(reason)
+        await asyncio.to_thread(instance.request_restart, reason)
         try:
             os.killpg(child_pid, signal.SIGTERM)
         except ProcessLookupError:
-            instance.withdraw_restart_request()  # it is gone already: its exit was not ours
+            await asyncio.to_thread(instance.withdraw_restart_request)  # it is gone already: its exit was not ours
             return
         with contextlib.suppress(ProcessLookupError):
             for _ in range(int(self.kill_after * 10)):

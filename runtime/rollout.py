@@ -14,6 +14,7 @@ from runtime.local.cgroups import Limits
 from runtime.local.scheduler import Instance, LocalScheduler, free_port
 from runtime.process_logs import ProcessLogs
 from runtime.router import Router
+from runtime.supervisor_watch import SupervisorWatch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class _Routed:
     """What the router sent an app's traffic to before a cutover: the version and its processes."""
 
     version: int | None
-    current: set[Path]
+    current: set[Instance]
     checks: Mapping[str, Sequence[Check]]
 
 
@@ -84,16 +85,17 @@ class Rollout:
         self.drain_seconds = drain_seconds
         self._draining: set[asyncio.Task] = set()
         self._live: dict[str, int] = {}  # app -> the version the router sends traffic to
-        self._current: dict[str, set[Path]] = {}  # app -> the instances of the live rollout
+        self._current: dict[str, set[Instance]] = {}  # app -> the instances of the live rollout
         self._hostnames: dict[str, Sequence[str]] = {}  # app -> the names it answers to, as last set
         self._checks: dict[str, Mapping[str, Sequence[Check]]] = {}  # app -> the live release's health checks
         self.liveness = LivenessMonitor(logs)
+        self.supervisors = SupervisorWatch(scheduler, lambda: [i for c in self._current.values() for i in c])
 
     async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> Cutover:
         """Route to the new release once it is healthy; raise RolloutFailed, having stopped whatever it started,
         when it is not. The processes it replaces keep running until the cutover is finished (or reverted)."""
         self._hostnames[spec.app] = spec.hostnames
-        old = self.scheduler.instances(spec.app)
+        old = await asyncio.to_thread(self.scheduler.instances, spec.app)
         started: list[Instance] = []
         try:
             for kind, count in sorted(spec.formation.items()):
@@ -111,7 +113,7 @@ class Rollout:
             checked = [i for i in started if i.process_type == "web" or spec.healthchecks.get(i.process_type)]
             await asyncio.gather(*(wait_healthy(i, spec.healthchecks.get(i.process_type, []), say) for i in checked))
             for instance in started:
-                if instance.status().get("state") == "crashed":
+                if (await asyncio.to_thread(instance.status)).get("state") == "crashed":
                     raise HealthCheckFailed(f"{instance.name} crashed at start")
         except HealthCheckFailed as exc:
             # What the new processes said as they started, not what earlier releases logged.
@@ -137,14 +139,16 @@ class Rollout:
             self._live.pop(app, None)
         else:
             self._live[app] = version
-        self._current[app] = {i.directory for i in instances}
+        self._current[app] = set(instances)
         self._checks[app] = healthchecks
+        self.supervisors.ensure_running()
         self.liveness.watch(app, instances, healthchecks)
 
     async def _revert(self, cutover: Cutover) -> None:
         """Back to the processes the cutover replaced (still running), and the new ones stopped."""
         app, before = cutover.app, cutover.before
-        previous = [i for i in cutover.replaced if i.directory in before.current and i.alive()]
+        running = await asyncio.to_thread(lambda: [i for i in cutover.replaced if i.alive()])
+        previous = [i for i in running if i in before.current]
         self._note_live(app, before.version, previous, before.checks)
         if before.version is None:
             await self.router.remove_app(app)
@@ -169,30 +173,35 @@ class Rollout:
     async def close(self) -> None:
         """At daemon shutdown: stop watching, let old processes finish draining. Live ones keep running."""
         await self.liveness.close()
+        await self.supervisors.close()
         if self._draining:
             await asyncio.gather(*self._draining, return_exceptions=True)
 
     async def adopt(self, app: str, version: int, hostnames: Sequence[str],
                     healthchecks: Mapping[str, Sequence[Check]]) -> bool:
-        """After a daemon restart: route to the release's processes that still run. False if none do."""
-        instances = [i for i in self.scheduler.instances(app) if i.alive()]
-        current = [i for i in instances if i.version == version]
-        if not current:
-            return False
-        stale = [i for i in instances if i.version != version]
+        """After a daemon restart: route to the release's processes that still run. False if none do.
+
+        Those of the release whose supervisor died meanwhile count too: the supervisor watch starts them again on
+        their ports. Processes of other releases, and stopped ones, are drained."""
+        instances = await asyncio.to_thread(self.scheduler.instances, app)
+        states = dict(zip(instances, await asyncio.to_thread(lambda: [i.state() for i in instances]), strict=True))
+        current = [i for i in instances if i.version == version and states[i] != "stopped"]
+        if all(states[i] in ("lost", "crashed") for i in current):
+            return False  # none of it runs (nothing is left, or the machine rebooted): it is to start afresh
+        stale = [i for i in instances if i not in current]
         self._hostnames[app] = hostnames
         self._note_live(app, version, current, healthchecks)
-        await self.router.set_app(app, hostnames, _upstreams(i for i in current if i.process_type == "web"))
+        await self.router.set_app(app, hostnames, _upstreams(i for i in current if i.process_type == "web"
+                                                             and states[i] != "crashed"))
         self._drain(stale)
         return True
 
     async def reroute(self, app: str, hostnames: Sequence[str]) -> None:
         """New host names for the processes already live (domains:add), and for a rollout under way."""
         self._hostnames[app] = hostnames
-        current = self._current.get(app, set())
-        await self.router.set_app(app, hostnames, _upstreams(
-            i for i in self.scheduler.instances(app) if i.directory in current and i.process_type == "web"
-            and i.alive()))
+        web = [i for i in self._current.get(app, set()) if i.process_type == "web"]
+        running = await asyncio.to_thread(lambda: [i for i in web if i.state() not in ("stopped", "crashed")])
+        await self.router.set_app(app, hostnames, _upstreams(sorted(running, key=lambda i: i.name)))
 
     async def stop_app(self, app: str, hostnames: Sequence[str] | None = None) -> None:
         """Stop every process; with `hostnames` the app stays routed (503 until it runs again), else unrouted."""
@@ -205,7 +214,8 @@ class Rollout:
             await self.router.remove_app(app)
         else:
             await self.router.set_app(app, hostnames, [])
-        await asyncio.gather(*(self.scheduler.stop(i) for i in self.scheduler.instances(app)), return_exceptions=True)
+        instances = await asyncio.to_thread(self.scheduler.instances, app)
+        await asyncio.gather(*(self.scheduler.stop(i) for i in instances), return_exceptions=True)
 
     def processes(self, app: str) -> list[dict]:
         """The live rollout's processes first; older ones still stopping show as draining."""
@@ -213,9 +223,9 @@ class Rollout:
         records = []
         for instance in self.scheduler.instances(app):
             record = instance.record()
-            if instance.directory not in current and record["state"] != "stopped":
+            if instance not in current and record["state"] != "stopped":
                 record["state"] = "draining"
-            records.append((instance.directory not in current, record))
+            records.append((instance not in current, record))
         return [record for _, record in sorted(records, key=lambda pair: pair[0])]
 
 

@@ -48,18 +48,35 @@ def scheduler(tmp_path: Path):
         asyncio.run(sched.stop(instance))
 
 
-def start(sched: LocalScheduler, tmp_path: Path, **env: str) -> Instance:
+def start(sched: LocalScheduler, tmp_path: Path, command: str = f"{sys.executable} app.py", **env: str) -> Instance:
     port = free_port()
     full_env = {"PATH": os.environ["PATH"], "PORT": str(port), **env}
-    return asyncio.run(sched.start("demo", 1, "web", 1, f"{sys.executable} app.py", tmp_path / "app", full_env, port))
+    return asyncio.run(sched.start("demo", 1, "web", 1, command, tmp_path / "app", full_env, port))
 
 
 def wait_for(predicate, attempts: int = 200, delay: float = 0.05) -> bool:
+    return bool(wait_for_value(predicate, attempts, delay))
+
+
+def wait_for_value(predicate, attempts: int = 200, delay: float = 0.05):
     for _ in range(attempts):
-        if predicate():
-            return True
+        if value := predicate():
+            return value
         time.sleep(delay)
-    return False
+    return None
+
+
+def holding(token: str) -> list[int]:
+    """Live processes whose command line names `token`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rpartition(")")[2].split()[0] != "Z" and \
+                    token.encode() in stat.with_name("cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_process_serves_and_logs_with_names(scheduler: LocalScheduler, tmp_path: Path) -> None:
@@ -72,10 +89,10 @@ def test_process_serves_and_logs_with_names(scheduler: LocalScheduler, tmp_path:
 
 
 def test_crashed_child_is_restarted(scheduler: LocalScheduler, tmp_path: Path) -> None:
-    instance = start(scheduler, tmp_path)
+    instance = start(scheduler, tmp_path, f"{sys.executable} app.py; exit 1")  # a compound: the shell stays
     asyncio.run(wait_healthy(instance, [], lambda line: None))
     shell = instance.status()["child_pid"]
-    [app] = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()  # sh -c runs the app as its child
+    [app] = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
     os.kill(shell, signal.SIGKILL)
     assert wait_for(lambda: instance.status().get("restarts") == 1 and instance.status()["state"] == "running")
     asyncio.run(wait_healthy(instance, [], lambda line: None))
@@ -156,6 +173,29 @@ def test_a_chatty_process_keeps_its_log_bounded(tmp_path: Path) -> None:
         assert numbers == list(range(3000 - len(numbers), 3000))  # the newest lines, none lost between files
     finally:
         asyncio.run(sched.stop(instance))
+
+
+def test_run_once_ends_what_it_left_when_it_exits(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    sleep = f"3600.{os.getpid()}"
+    lines: list[str] = []
+    code = asyncio.run(scheduler.run_once("demo", "release", f"sleep {sleep} & echo started", tmp_path / "app",
+                                          {"PATH": os.environ["PATH"]}, lines.append, timeout=120))
+    assert code == 0 and lines == ["started"]  # not a timeout: the sleep held the output open until killed
+    assert not holding(sleep)
+
+
+def test_what_left_the_process_group_goes_when_the_process_exits(scheduler: LocalScheduler, tmp_path: Path) -> None:
+    """Without cgroups (this scheduler has none) a unit is process groups: the supervisor, a child subreaper,
+    kills what escaped into a session of its own."""
+    assert scheduler.cgroups is None
+    sleep = f"3600.{os.getpid()}"
+    instance = start(scheduler, tmp_path, f"(setsid sleep {sleep} &); {sys.executable} app.py")
+    asyncio.run(wait_healthy(instance, [], lambda line: None))
+    [helper] = wait_for_value(lambda: holding(sleep))
+    os.kill(instance.status()["child_pid"], signal.SIGKILL)
+    assert wait_for(lambda: instance.status().get("restarts") == 1 and instance.status()["state"] == "running")
+    assert wait_for(lambda: helper not in holding(sleep))
+    assert len(wait_for_value(lambda: holding(sleep))) == 1  # the new process's own
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="handing a directory to another uid needs root")

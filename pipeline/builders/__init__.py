@@ -27,17 +27,21 @@ class BuildResult:
 
 
 class Sandbox(Protocol):
-    """The unprivileged user an app's build tools run as (runtime.local.app_user.AppUser)."""
+    """Where an app's build tools run and whose its trees are: its unprivileged user under a root daemon
+    (runtime.local.app_user.AppUser), and for a build, the build's unit too, killed whole when the build ends
+    and by the next daemon if this one dies (runtime.local.build_sandbox.BuildSandbox, which the deployment
+    makes and ends around the build)."""
 
     uid: int
 
     @property
     def preexec(self) -> Callable[[], None]:
-        """Runs in each tool's process before exec: switches to the user."""
+        """Runs in each tool's process (leading a process group of its own) before exec: joins the build's unit,
+        switches to the user, and makes the tool die with the daemon."""
         ...
 
     def hand_over(self, directory: Path) -> None:
-        """Create `directory` if missing and give it (not its contents) to the user."""
+        """Create `directory` if missing and give it (not its contents) to the user, if there is one."""
         ...
 
     def hand_over_tree(self, directory: Path, only_from: int | None = None) -> None:
@@ -51,5 +55,5 @@ class Builder(Protocol):
     async def build(self, src: Path, detection: Detection, cache: Path, env: dict[str, str],
                     log: Callable[[str], None], sandbox: Sandbox | None = None) -> BuildResult:
         """Build `src` in place; `cache` persists between builds of one app; every tool line goes to `log`.
-        With a `sandbox` the tools run as its user (which owns `src` already); without, as the daemon."""
+        With a `sandbox` the tools run in it (its user owns `src` already); without, as the daemon's children."""
         ...

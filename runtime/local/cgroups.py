@@ -1,7 +1,10 @@
-"""Memory and CPU limits per app process: cgroup v2, or v1's memory and cpu controllers.
+"""The cgroups this host lets DevFlow make: one cgroup2 hierarchy to hold process units, and the memory and
+cpu controllers for limits.
 
-Where neither can be written (an unprivileged daemon, a locked-down container), memory falls
-back to RLIMIT_DATA and CPU is not limited; `limits_note` says which applies.
+Units (runtime.local.process_unit) live in the cgroup2 hierarchy: the whole tree on a pure-v2 host, the
+hybrid's `unified` mount on a v1 host. Limits go in the same cgroup where that hierarchy has the memory and cpu
+controllers, else in v1's. Where neither can be written (an unprivileged daemon, a locked-down container),
+units fall back to process groups, memory to RLIMIT_DATA, and CPU is not limited; `describe` says which applies.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ log = logging.getLogger(__name__)
 CPU_PERIOD_US = 100_000
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmgKMG]?)[bB]?$")
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+LIMIT_CONTROLLERS = ("memory", "cpu")
 
 
 @dataclass(frozen=True)
@@ -56,62 +60,76 @@ class Limits:
 
 class Cgroups:
     def __init__(self, root: Path = Path("/sys/fs/cgroup"), group: str = "devflow") -> None:
-        self.root = root
         self.group = group
-        self.version = 2 if (root / "cgroup.controllers").exists() else 1 if (root / "memory").is_dir() else 0
-        self.usable = self.version > 0 and self._prepare()
+        self.v1_root = root
+        self.unified = self._writable_unified(root)
+        self.limits_version = self._limits_version(root)
 
-    def _prepare(self) -> bool:
+    def _writable_unified(self, root: Path) -> Path | None:
+        """`<cgroup2 mount>/devflow`, made if missing; None where there is no cgroup2 hierarchy DevFlow may write."""
+        mount = next((m for m in (root, root / "unified") if (m / "cgroup.controllers").is_file()), None)
+        if mount is None:
+            log.info("no cgroup2 hierarchy under %s: process units are process groups", root)
+            return None
         try:
-            if self.version == 2:
-                base = self.root / self.group
-                base.mkdir(exist_ok=True)
-                for parent in (self.root, base):
-                    (parent / "cgroup.subtree_control").write_text("+memory +cpu")
-            else:
-                for controller in ("memory", "cpu"):
-                    (self.root / controller / self.group).mkdir(exist_ok=True)
+            (mount / self.group).mkdir(exist_ok=True)
         except OSError as exc:
-            log.info("cgroups not usable (%s); memory limits fall back to rlimits, CPU is not limited", exc)
-            return False
-        return True
+            log.info("cgroup2 at %s not writable (%s): process units are process groups", mount, exc)
+            return None
+        return mount / self.group
 
-    def _dirs(self, name: str) -> list[Path]:
-        if self.version == 2:
-            return [self.root / self.group / name]
-        return [self.root / controller / self.group / name for controller in ("memory", "cpu")]
+    def _limits_version(self, root: Path) -> int:
+        try:
+            if self.unified is not None:
+                available = (self.unified.parent / "cgroup.controllers").read_text().split()
+                if all(c in available for c in LIMIT_CONTROLLERS):
+                    self.enable_limits(self.unified.parent)
+                    self.enable_limits(self.unified)
+                    return 2
+            if all((root / c).is_dir() for c in LIMIT_CONTROLLERS):
+                for controller in LIMIT_CONTROLLERS:
+                    (root / controller / self.group).mkdir(exist_ok=True)
+                return 1
+        except OSError as exc:
+            log.info("cgroup controllers not usable (%s); memory limits fall back to rlimits, CPU is not limited",
+                     exc)
+        return 0
 
-    def create(self, name: str, limits: Limits) -> list[str]:
-        """The cgroup.procs files a process joins to live under these limits."""
-        if not self.usable or limits.empty:
-            return []
-        dirs = self._dirs(name)
-        for directory in dirs:
-            directory.mkdir(exist_ok=True)
+    @staticmethod
+    def enable_limits(directory: Path) -> None:
+        """In cgroup2, a cgroup's children get the memory and cpu files only once it delegates the controllers."""
+        (directory / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in LIMIT_CONTROLLERS))
+
+    def tracking(self, *parts: str) -> Path | None:
+        return self.unified.joinpath(*parts) if self.unified is not None else None
+
+    def v1_dirs(self, *parts: str) -> tuple[Path, ...]:
+        """Where v1 holds the limits of the cgroup named by `parts`; none when cgroup2 holds them."""
+        if self.limits_version != 1:
+            return ()
+        return tuple(self.v1_root.joinpath(controller, self.group, *parts) for controller in LIMIT_CONTROLLERS)
+
+    def write_limits(self, tracking: Path | None, v1_dirs: tuple[Path, ...], limits: Limits) -> None:
+        """Into cgroups already made: `tracking` (cgroup2) or the v1 memory and cpu ones."""
         quota = str(int(limits.cpu * CPU_PERIOD_US)) if limits.cpu else None
-        if self.version == 2:
+        if self.limits_version == 2 and tracking is not None:
             if limits.memory:
-                (dirs[0] / "memory.max").write_text(str(limits.memory))
+                (tracking / "memory.max").write_text(str(limits.memory))
             if quota:
-                (dirs[0] / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
-        else:
+                (tracking / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+        elif v1_dirs:
+            memory, cpu = v1_dirs
             if limits.memory:
-                (dirs[0] / "memory.limit_in_bytes").write_text(str(limits.memory))
+                (memory / "memory.limit_in_bytes").write_text(str(limits.memory))
             if quota:
-                (dirs[1] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-                (dirs[1] / "cpu.cfs_quota_us").write_text(quota)
-        return [str(d / "cgroup.procs") for d in dirs]
+                (cpu / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                (cpu / "cpu.cfs_quota_us").write_text(quota)
 
-    def remove(self, name: str) -> None:
-        for directory in self._dirs(name):
-            try:
-                directory.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("could not remove cgroup %s: %s", directory, exc)
+    @property
+    def enforces_limits(self) -> bool:
+        return self.limits_version > 0
 
     def describe(self) -> str:
-        if self.usable:
-            return f"cgroup v{self.version} (memory and CPU)"
+        if self.limits_version:
+            return f"cgroup v{self.limits_version} (memory and CPU)"
         return "rlimits (memory only; cgroups not writable here)"

@@ -4,16 +4,20 @@ Run as `python -m runtime.local.supervisor SPEC.json`. The daemon starts one per
 (in its own session; it forks once more so the daemon is not its parent), reads
 status.json to see how it fares, and sends SIGTERM to stop it. App processes therefore
 keep serving while the daemon restarts; the new daemon re-adopts them from their specs.
+
+The process runs in the instance's unit (runtime.local.process_unit), started through
+runtime.local.launcher, and dies with its supervisor (PR_SET_PDEATHSIG). The supervisor is a
+child subreaper: what the process daemonizes comes back to it rather than to init, so it is
+reaped here and killed with the rest when the process exits. Signals are taken one at a time
+from a blocked set (sigtimedwait), as init does, so no handler runs in the middle of the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -21,25 +25,28 @@ import threading
 import time
 from pathlib import Path
 
-from runtime.local.app_user import AppUser
+from runtime.local import launcher
+from runtime.local.process_unit import ProcessUnit
 from runtime.log_lines import prefix
 from runtime.rotating_log import DEFAULT_MAX_BYTES, RotatingLog
 
-PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+WAITED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+STRAY_ROUNDS = 50  # a process that keeps forking while it is killed gets this many sweeps, 20 ms apart
 STARTUP_OUTPUT_BYTES = 64 * 1024  # what a failed start shows comes first; a chatty process stops adding early
-LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
 
 
 class Supervisor:
-    def __init__(self, spec: dict) -> None:
+    def __init__(self, spec: dict, restarts: int = 0) -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self.status_path = Path(spec["status"])
         self.log = RotatingLog(Path(spec["log"]), spec.get("log_max_bytes", DEFAULT_MAX_BYTES))
+        self.unit = ProcessUnit.from_json(spec["unit"])
         self.stopping = False
         self.child: subprocess.Popen | None = None
         self.pump: threading.Thread | None = None
-        self.state = {"supervisor_pid": os.getpid(), "child_pid": None, "state": "starting", "restarts": 0,
+        self.state = {"supervisor_pid": os.getpid(), "child_pid": None, "state": "starting", "restarts": restarts,
                       "last_exit": None, "started_at": None, "limits": spec.get("limits", {})}
 
     def write_status(self, **changes) -> None:
@@ -73,29 +80,11 @@ class Supervisor:
         if self.pump is not None:
             self.pump.join(timeout=5)
 
-    def _preexec(self) -> None:
-        os.setpgrp()
-        for procs in self.spec.get("cgroup_procs", []):
-            with open(procs, "w") as cgroup:
-                cgroup.write(str(os.getpid()))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        for name, value in self.spec.get("rlimits", {}).items():
-            kind = getattr(resource, name)
-            _, hard = resource.getrlimit(kind)
-            soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
-            resource.setrlimit(kind, (soft, hard))
-        if self.spec.get("user"):
-            AppUser(self.spec["user"]["uid"], self.spec["user"]["gid"], "").drop_privileges()
-        # After the user change, which clears it: if the supervisor is killed, the process follows.
-        if LIBC is not None:
-            LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
     def start_child(self) -> None:
+        argv, env = launcher.command(Path(self.spec["launch"]), os.getpid())
         try:
-            self.child = subprocess.Popen(
-                ["/bin/sh", "-c", self.spec["command"]], cwd=self.spec["cwd"], env=self.spec["env"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=self._preexec,
-            )
+            self.child = subprocess.Popen(argv, cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT)
         except (OSError, subprocess.SubprocessError) as exc:
             self.log_line(f"cannot start the process: {exc}")
             self.write_status(state="crashed", child_pid=None)
@@ -117,30 +106,84 @@ class Supervisor:
         path.unlink(missing_ok=True)
         return reason or "no reason given"
 
-    def stop(self, *_: object) -> None:
-        self.stopping = True
-        if self.child and self.child.poll() is None:
+    def _signal_child(self, sig: int) -> None:
+        """The process and its process group. Its pid cannot have been reused: it is ours until reaped."""
+        assert self.child is not None
+        for send, target in ((os.killpg, self.child.pid), (os.kill, self.child.pid)):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.child.pid, signal.SIGTERM)
+                send(target, sig)
+
+    def _await_signal(self, timeout: float | None) -> None:
+        """Until a signal comes (or `timeout` passes); SIGTERM and SIGINT mean stop."""
+        info = signal.sigwaitinfo(WAITED) if timeout is None else signal.sigtimedwait(WAITED, max(timeout, 0))
+        if info is not None and info.si_signo != signal.SIGCHLD:
+            self.stopping = True
+
+    def _reap(self) -> int | None:
+        """Collect every child that exited; the process's exit status if it did (the orphans adopted as subreaper
+        are only reaped)."""
+        code = None
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                return code
+            if info is None:
+                return code
+            if self.child is not None and info.si_pid == self.child.pid:
+                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+                self.child.returncode = code
+
+    def _until_exit(self) -> int:
+        """The process's exit status; once asked to stop: SIGTERM, and SIGKILL after `stop_timeout`."""
+        stop_timeout = self.spec.get("stop_timeout", 10)
+        deadline: float | None = None
+        while (code := self._reap()) is None:
+            if self.stopping and deadline is None:
+                self._signal_child(signal.SIGTERM)
+                deadline = time.monotonic() + stop_timeout
+            if deadline is not None and time.monotonic() >= deadline:
+                self.log_line(f"did not stop within {stop_timeout}s of SIGTERM; sending SIGKILL")
+                self._signal_child(signal.SIGKILL)
+                deadline = float("inf")
+            self._await_signal(None if deadline in (None, float("inf")) else deadline - time.monotonic())
+        return code
+
+    def _end_unit(self) -> None:
+        """What the process left is killed: its unit, then whatever came back to this subreaper (what escaped a
+        process group when there are no cgroups)."""
+        self.unit.kill()
+        for _ in range(STRAY_ROUNDS):
+            self._reap()
+            strays = _children()
+            if not strays:
+                return
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        self.log_line(f"processes {_children()} kept coming back after SIGKILL")
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep between restarts; a stop request ends it."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            self._await_signal(left)
+            self._reap()
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)  # before any thread starts: they inherit the mask
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         policy = self.spec.get("restart", {})
         fast_seconds = policy.get("fast_seconds", 10)
         give_up_after = policy.get("give_up_after", 5)
-        stop_timeout = self.spec.get("stop_timeout", 10)
         fast_crashes = 0
         self.start_child()
         while True:
-            assert self.child is not None
-            code = self.child.wait()
-            if not self.stopping:
-                # What the command started outlives it (sh -c forks the app; a server's workers): gone with it,
-                # or it keeps the port, and the restarted process cannot bind.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.child.pid, signal.SIGKILL)
+            code = self._until_exit()
+            # What the command started outlives it (a server's workers, a daemonized helper): gone with it, or it
+            # keeps the port, and the restarted process cannot bind.
+            self._end_unit()
             self._drain_output()
             if self.stopping:
                 break
@@ -159,23 +202,10 @@ class Supervisor:
                 return 1
             delay = min(30.0, 0.5 * 2 ** max(fast_crashes - 1, 0))
             self.write_status(state="restarting", last_exit=code, child_pid=None, restarts=self.state["restarts"] + 1)
-            deadline = time.time() + delay
-            while time.time() < deadline and not self.stopping:
-                time.sleep(0.1)
+            self._pause(delay)
             if self.stopping:
                 break
             self.start_child()
-        if self.child and self.child.poll() is None:
-            try:
-                self.child.wait(timeout=stop_timeout)
-            except subprocess.TimeoutExpired:
-                self.log_line(f"did not stop within {stop_timeout}s of SIGTERM; sending SIGKILL")
-                os.killpg(self.child.pid, signal.SIGKILL)
-                self.child.wait()
-        if self.child is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.child.pid, signal.SIGKILL)  # leftovers of the process group
-        self._drain_output()
         self.write_status(state="stopped", child_pid=None)
         return 0
 
@@ -187,6 +217,23 @@ def _append_bounded(fd: int, line: bytes) -> int | None:
         return None
     os.write(fd, line)
     return fd
+
+
+def _children() -> list[int]:
+    """This process's children, zombies included."""
+    found: list[int] = []
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError):
+            found += [int(pid) for pid in Path(f"/proc/self/task/{task}/children").read_text().split()]
+    return found
+
+
+def _previous_restarts(status: Path) -> int:
+    """Started again for an instance whose supervisor died (runtime.supervisor_watch): its count goes on."""
+    try:
+        return json.loads(status.read_text()).get("restarts", 0) + 1
+    except (OSError, ValueError):
+        return 0
 
 
 def main() -> int:
@@ -205,7 +252,8 @@ def main() -> int:
     os.dup2(log_fd, 2)
     os.close(null_fd)
     os.close(log_fd)
-    supervisor = Supervisor(spec)
+    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
+    supervisor = Supervisor(spec, _previous_restarts(Path(spec["status"])))
     supervisor.write_status()
     os.write(ready_write, b"1")
     os.close(ready_write)

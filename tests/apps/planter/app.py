@@ -12,7 +12,19 @@ import time
 import urllib.parse
 from pathlib import Path
 
-HERE = Path.cwd()
+
+def release_directory() -> Path:
+    """Where this release really is: under a root daemon the process sees it at /app, its working directory,
+    and /proc/self/mountinfo says which directory is mounted there."""
+    mounts = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    here = next((m for m in mounts if m[4] == str(Path.cwd())), None)
+    if here is None:
+        return Path.cwd()
+    filesystem = next(m[4] for m in mounts if m[2] == here[2] and m[3] == "/")
+    return Path(filesystem) / here[3].lstrip("/")
+
+
+HERE = release_directory()
 BUILDS = HERE.parent
 state = {"plan": None, "outside": "", "planted": ""}
 lock = threading.Lock()
