@@ -6,10 +6,10 @@ app's user owns is touched by root only through walks that never follow a link.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pipeline.builders import Sandbox
+from runtime.local.app_trees import remove_tree
 from runtime.local.app_user import nobody_uid
 
 KEEP_BUILDS = 5
@@ -59,10 +59,10 @@ class AppWorkspace:
         """Keep the builds of recent releases (rollback targets); never touch queued newer ones."""
         for build in (self.root / app / "builds").glob("*"):
             if build.name.isdigit() and int(build.name) < newest and str(build) not in in_use:
-                shutil.rmtree(build, ignore_errors=True)
+                remove_tree(build)
 
     def remove_build(self, app: str, deployment_id: int) -> None:
-        shutil.rmtree(self.build_dir(app, deployment_id), ignore_errors=True)
+        remove_tree(self.build_dir(app, deployment_id))
 
     def remove(self, app: str) -> None:
-        shutil.rmtree(self.root / app, ignore_errors=True)
+        remove_tree(self.root / app)

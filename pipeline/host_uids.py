@@ -13,7 +13,6 @@ admin who holds what.
 
 from __future__ import annotations
 
-import errno
 import grp
 import json
 import os
@@ -23,6 +22,8 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from runtime.local.app_trees import descend
 
 MAX_UID = 2**32 - 3
 """(uid_t)-1 means "no change" to setuid, and -2 is `nobody` on some systems: systemd never allocates either."""
@@ -177,15 +178,9 @@ def _open_root_only(directory: Path) -> int:
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
             try:
-                os.mkdir(part, 0o700 if last else 0o755, dir_fd=fd)
-            except FileExistsError:
-                pass
-            try:
-                inner = os.open(part, _DIR, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _not_root_only(directory, f"{part} is a symbolic link or not a directory") from None
-                raise
+                inner = descend(fd, part, 0o700 if last else 0o755)
+            except NotADirectoryError as exc:
+                raise _not_root_only(directory, exc.strerror) from None
             os.close(fd)
             fd = inner
             info = os.fstat(fd)

@@ -18,7 +18,6 @@ import asyncio
 import errno
 import logging
 import os
-import shutil
 import stat
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from pipeline.object_reader import (
 )
 from pipeline.remote_fetch import GITLINK, GitFailed, RemoteFetch, TreeEntry
 from pipeline.remotes import LocalApp, NetworkRemote, Remote, RemoteRefused, RemoteResolver
+from runtime.local.app_trees import descend, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ExportedTree:
 
     async def discard(self) -> None:
         """The fetched repositories: the build does not need them."""
-        await asyncio.to_thread(shutil.rmtree, self.fetch.scratch, ignore_errors=True)
+        await asyncio.to_thread(remove_tree, self.fetch.scratch)
         self.in_use.discard(self.fetch.scratch)
 
 
@@ -141,7 +141,7 @@ class TreeExporter:
         if scratch.is_dir():
             for entry in scratch.iterdir():
                 if entry not in self._scratch_in_use:
-                    shutil.rmtree(entry, ignore_errors=True)
+                    remove_tree(entry)
 
 
 class _Export:
@@ -388,16 +388,10 @@ def _directory_beneath(root: Path, relative: PurePosixPath) -> str:
     try:
         for part in relative.parts:
             try:
-                os.mkdir(part, 0o755, dir_fd=fd)
-            except FileExistsError:
-                pass
-            try:
-                inner = os.open(part, _DIR, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise DeployFailed("export", f"submodule path {relative} runs into a file or a symlink of "
-                                                 "its superproject") from None
-                raise _write_failed(relative, exc) from None
+                inner = descend(fd, part, 0o755)
+            except NotADirectoryError:
+                raise DeployFailed("export", f"submodule path {relative} runs into a file or a symlink of "
+                                             "its superproject") from None
             os.close(fd)
             fd = inner
     except OSError as exc:

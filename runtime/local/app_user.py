@@ -14,6 +14,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from runtime.local import app_trees
+
 PRIVATE = 0o700
 _NO_FOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -97,12 +99,10 @@ class AppUser:
         `only_from`, a tree that uid made (an app's builds and caches, before it had a uid of its own): only what
         it owns changes hands, so a link it made to someone else's file (or root's) gives nothing away.
 
-        fwalk with dir fds and no symlink following, so nothing in the tree can redirect a chown.
+        app_trees walks with dir fds and no link followed or FIFO opened, so nothing in the tree can redirect a
+        chown or hold the walk.
         """
-        for _, dirs, files, dir_fd in os.fwalk(directory, follow_symlinks=False):
-            for name in dirs + files:
-                if only_from is None or os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == only_from:
-                    os.chown(name, self.uid, self.gid, dir_fd=dir_fd, follow_symlinks=False)
+        app_trees.change_owner(directory, self.uid, self.gid, only_from)
         if only_from is None or os.lstat(directory).st_uid in (only_from, self.uid):
             self.hand_over(directory)
 
