@@ -207,8 +207,8 @@ class Daemon:
         await self.deployments.restore()
         await self.hooks.start()
         try:
-            sessions = SessionHandler(self.git, self.directory, self.management_for)
-            ssh = await start_ssh_server(s.host, s.ssh_port, self.host_key, self.directory, sessions)
+            sessions = SessionHandler(self.git, self.directory, self.management_for, self.limits)
+            ssh = await start_ssh_server(s.host, s.ssh_port, self.host_key, self.directory, sessions, self.limits)
         except OSError as exc:
             raise cannot_listen(s.host, s.ssh_port, exc) from None
         ssh_port = ssh.sockets[0].getsockname()[1]

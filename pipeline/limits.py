@@ -72,6 +72,9 @@ class Limits(BaseModel):
                                                               "answers on one connection (the connection closes "
                                                               "past it)")
     max_http_connections: int = Field(256, ge=1, description="most HTTP connections open at once (503 past it)")
+    max_ssh_connections: int = Field(256, ge=1, description="most SSH connections open at once, authenticated or not")
+    max_ssh_sessions: int = Field(10, ge=1, description="most sessions (git or commands) open at once on one SSH "
+                                                        "connection, as OpenSSH's MaxSessions")
     request_head_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request head")
     request_idle_timeout: float = Field(60.0, gt=0, description="seconds a client may pause while sending a "
                                                                 "request body or reading an answer")

@@ -11,6 +11,7 @@ import asyncssh
 from gitd.identity.directory import Directory
 from gitd.identity.roles import Actor
 from gitd.ssh.session import SessionHandler
+from pipeline.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,27 @@ def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
 class AuthServer(asyncssh.SSHServer):
     """One instance per connection; only public keys, and only the one the client proved."""
 
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, open_connections: set[AuthServer], limits: Limits) -> None:
         self.directory = directory
+        self.open_connections = open_connections
+        self.limits = limits
         self.conn: asyncssh.SSHServerConnection | None = None
         self._candidate: Actor | None = None
         self._key: asyncssh.SSHKey | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        self.open_connections.add(self)
+        if len(self.open_connections) > self.limits.max_ssh_connections:
+            # Before any authentication: anonymous clients must not hold every slot of the daemon's descriptors.
+            # Nothing the client could show can be said before the version exchange: dropped, as OpenSSH's
+            # MaxStartups does, and said in the daemon's log.
+            log.warning("ssh: dropped a connection from %s: %d are open, the limit (--max-ssh-connections)",
+                        conn.get_extra_info("peername"), len(self.open_connections) - 1)
+            conn.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open_connections.discard(self)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -63,10 +77,11 @@ class AuthServer(asyncssh.SSHServer):
 
 
 async def start_ssh_server(
-    host: str, port: int, host_key: asyncssh.SSHKey, directory: Directory, sessions: SessionHandler,
+    host: str, port: int, host_key: asyncssh.SSHKey, directory: Directory, sessions: SessionHandler, limits: Limits,
 ) -> asyncssh.SSHAcceptor:
+    open_connections: set[AuthServer] = set()
     return await asyncssh.create_server(
-        lambda: AuthServer(directory),
+        lambda: AuthServer(directory, open_connections, limits),
         host, port,
         server_host_keys=[host_key],
         process_factory=sessions.handle,

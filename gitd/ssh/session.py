@@ -16,6 +16,7 @@ from gitd.errors import DevflowError
 from gitd.git.git_service import GitService
 from gitd.identity.directory import Directory
 from gitd.identity.roles import Actor
+from pipeline.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,30 @@ async def client_bytes(process: asyncssh.SSHServerProcess) -> AsyncIterator[byte
 
 
 class SessionHandler:
-    def __init__(self, git: GitService, directory: Directory, management_for) -> None:
+    def __init__(self, git: GitService, directory: Directory, management_for, limits: Limits) -> None:
         self.git = git
         self.directory = directory
         self.management_for = management_for  # Actor -> Management
+        self.limits = limits
+        self._sessions: dict[asyncssh.SSHServerConnection, int] = {}  # open sessions per connection
 
     async def handle(self, process: asyncssh.SSHServerProcess) -> None:
+        """One session at a time past the limit per connection: each may run a pack program or a command."""
+        connection = process.channel.get_connection()
+        if self._sessions.get(connection, 0) >= self.limits.max_ssh_sessions:
+            refusal = self.limits.refuse("max_ssh_sessions", "too many sessions on one connection")
+            process.stderr.write(f"error: {refusal}\n".encode())
+            process.exit(1)
+            return
+        self._sessions[connection] = self._sessions.get(connection, 0) + 1
+        try:
+            await self._handle(process)
+        finally:
+            self._sessions[connection] -= 1
+            if not self._sessions[connection]:
+                del self._sessions[connection]
+
+    async def _handle(self, process: asyncssh.SSHServerProcess) -> None:
         # Each command looks its key up again: a connection kept open (ssh ControlMaster) must not keep a
         # removed key's access, or a role its user has lost since.
         actor = await asyncio.to_thread(self.directory.actor_for_key, process.get_extra_info("devflow_key"))
