@@ -21,6 +21,7 @@ import uvicorn
 
 from gitd import __version__
 from gitd.apps import AppRegistry
+from gitd.commands.command_threads import CommandThreads
 from gitd.data_dir_lock import DataDirLock
 from gitd.database import open_state
 from gitd.deploy_management import DeployServices
@@ -173,6 +174,7 @@ class Daemon:
         remote_urls = RemoteUrls(self.apps, settings.host, settings.ssh_port, settings.http_port)
         self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, remote_urls.for_user))
         self.deploy_services = DeployServices(self.deployments, self._run_on_loop)
+        self.commands = CommandThreads(self.limits)
         self._loop: asyncio.AbstractEventLoop | None = None
         push_sessions = PushSessions()
         gate = PushGate(self.apps, self.backend, self.receiver)
@@ -207,7 +209,7 @@ class Daemon:
         await self.deployments.restore()
         await self.hooks.start()
         try:
-            sessions = SessionHandler(self.git, self.directory, self.management_for, self.limits)
+            sessions = SessionHandler(self.git, self.directory, self.management_for, self.limits, self.commands)
             ssh = await start_ssh_server(s.host, s.ssh_port, self.host_key, self.directory, sessions, self.limits)
         except OSError as exc:
             raise cannot_listen(s.host, s.ssh_port, exc) from None
@@ -217,7 +219,7 @@ class Daemon:
             host_key_fingerprint=fingerprint_of(self.host_key), git_backend=self.backend.name,
             known_hosts_line=known_hosts_line(s.host, ssh_port, self.host_key),
         )
-        app = build_app(info, self.directory, self.git, self.management_for, self.limits)
+        app = build_app(info, self.directory, self.git, self.management_for, self.limits, self.commands)
         config = uvicorn.Config(app, http=functools.partial(BoundedHttpToolsProtocol, limits=self.limits),
                                 log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10)
         http = _EmbeddedUvicorn(config)

@@ -29,3 +29,9 @@ class NotFound(DevflowError):
 
 class Conflict(DevflowError):
     status = 409
+
+
+class TooMany(DevflowError):
+    """Too many requests at once from one user: try again once some have ended."""
+
+    status = 429

@@ -16,6 +16,7 @@ from pipeline.limits import Limits
 from runtime.health import Check as HealthCheck
 
 CHECK_TYPES = ("startup", "liveness", "readiness")
+MAX_CHECK_PATH = 2048  # a URL path any server takes
 # Dokku check kinds the runtime cannot run; accepting them would pass checks that never ran.
 UNSUPPORTED_CHECK_KEYS = ("command", "uptime", "listening")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -107,11 +108,13 @@ def _healthchecks(value: Any, limits: Limits) -> dict[str, list[HealthCheck]]:
     for kind, checks in value.items():
         _process_type(kind, f"healthchecks.{kind}")
         _expect(checks, list, f"healthchecks.{kind}", "a list of checks")
-        result[kind] = [_healthcheck(check, kind, f"healthchecks.{kind}[{i}]") for i, check in enumerate(checks)]
+        _at_most(limits, "max_checks_per_type", len(checks), f"healthchecks.{kind} has {len(checks)} checks")
+        result[kind] = [_healthcheck(check, kind, f"healthchecks.{kind}[{i}]", limits)
+                        for i, check in enumerate(checks)]
     return result
 
 
-def _healthcheck(check: Any, kind: str, path: str) -> HealthCheck:
+def _healthcheck(check: Any, kind: str, path: str, limits: Limits) -> HealthCheck:
     _expect(check, dict, path, "an object")
     for key in UNSUPPORTED_CHECK_KEYS:
         if key in check:
@@ -122,20 +125,25 @@ def _healthcheck(check: Any, kind: str, path: str) -> HealthCheck:
         raise _fail(f"{path}.type", " or ".join(repr(t) for t in CHECK_TYPES), check_type)
     url_path = check.get("path", "/")
     _expect(url_path, str, f"{path}.path", "a string starting with '/'")
-    if not url_path.startswith("/"):
-        raise _fail(f"{path}.path", "a string starting with '/'", url_path)
+    if not url_path.startswith("/") or len(url_path) > MAX_CHECK_PATH:
+        raise _fail(f"{path}.path", f"a string starting with '/', of at most {MAX_CHECK_PATH} characters", url_path)
     content = check.get("content")
     if content is not None:
         _expect(content, str, f"{path}.content", "a string")
     name = check.get("name", f"{kind} {check_type} {url_path}")
     _expect(name, str, f"{path}.name", "a string")
-    return HealthCheck(
-        type=check_type, name=name, path=url_path, content=content or None,
+    parsed = HealthCheck(
+        type=check_type, name=name[:200], path=url_path, content=content or None,
         attempts=_number(check, "attempts", path, 3, 1, integer=True),
         timeout=_number(check, "timeout", path, 5, 1),
-        wait=_number(check, "wait", path, 5, 0),
+        # A liveness check runs as long as the release does: at most once a second per process.
+        wait=_number(check, "wait", path, 5, 1 if check_type == "liveness" else 0),
         initial_delay=_number(check, "initialDelay", path, 0, 0),
     )
+    longest = parsed.initial_delay + parsed.attempts * (parsed.timeout + parsed.wait)
+    if longest > limits.max_check_seconds:
+        raise AppJsonError(str(limits.refuse("max_check_seconds", f"app.json: {path} may take {longest:g} seconds")))
+    return parsed
 
 
 def _formation(value: Any, limits: Limits) -> dict[str, int]:

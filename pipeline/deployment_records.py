@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.schema import Deployment
 
@@ -51,26 +51,27 @@ class DeploymentRecords:
                 setattr(row, key, value)
             row.finished_at = now()
 
-    def went_live(self, deployment_id: int, version: int, timings: dict[str, float]) -> None:
-        """A push's build is live as `version`; whichever build was live before is not."""
-        with self.sessions.begin() as db:
-            row = db.get(Deployment, deployment_id)
-            row.state, row.stage, row.release_version, row.timings = "live", "", version, timings
-            row.finished_at = now()
-            self._only_live(db, row.app, deployment_id)
+    @classmethod
+    def went_live(cls, db: Session, deployment_id: int, version: int, timings: dict[str, float]) -> None:
+        """In the release's own transaction (ReleaseLedger.record's `then`): a push's build is live as
+        `version`; whichever build was live before is not."""
+        row = db.get(Deployment, deployment_id)
+        row.state, row.stage, row.release_version, row.timings = "live", "", version, timings
+        row.finished_at = now()
+        cls._only_live(db, row.app, deployment_id)
 
-    def serving(self, app: str, deployment_id: int | None) -> None:
-        """A release of an existing build went live (rollback, config change): that build's deployment is the
-        live one again. None: the build predates deployment records, so none is."""
-        with self.sessions.begin() as db:
-            if deployment_id is not None:
-                db.execute(update(Deployment).where(Deployment.id == deployment_id, Deployment.app == app,
-                                                    Deployment.state.in_(("live", "inactive")))
-                           .values(state="live"))
-            self._only_live(db, app, deployment_id)
+    @classmethod
+    def serving(cls, db: Session, app: str, deployment_id: int | None) -> None:
+        """In the release's own transaction: a release of an existing build went live (rollback, config change),
+        so that build's deployment is the live one again. None: the build predates deployment records."""
+        if deployment_id is not None:
+            db.execute(update(Deployment).where(Deployment.id == deployment_id, Deployment.app == app,
+                                                Deployment.state.in_(("live", "inactive")))
+                       .values(state="live"))
+        cls._only_live(db, app, deployment_id)
 
     @staticmethod
-    def _only_live(db, app: str, deployment_id: int | None) -> None:
+    def _only_live(db: Session, app: str, deployment_id: int | None) -> None:
         db.execute(update(Deployment).where(Deployment.app == app, Deployment.state == "live",
                                             Deployment.id != deployment_id).values(state="inactive"))
 

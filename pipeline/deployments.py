@@ -14,11 +14,12 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.app_uids import AppUids
 from pipeline.app_workspace import KEEP_BUILDS, AppWorkspace
@@ -105,6 +106,17 @@ class Deployments:
 
     def _lock(self, app: str) -> asyncio.Lock:
         return self._locks.setdefault(app, asyncio.Lock())
+
+    @asynccontextmanager
+    async def _now(self, app: str) -> AsyncIterator[None]:
+        """The app's lock for a command, which does not queue behind a deployment under way: it is refused, so
+        that no command (and no thread serving one) waits as long as a deploy may take."""
+        lock = self._lock(app)
+        if lock.locked():
+            raise PipelineInputError(f"a deployment of {app} is under way; try again once it is done "
+                                     f"(`logs {app} -f` follows it)")
+        async with lock:
+            yield
 
     # what management commands read and set (in their own threads)
 
@@ -228,11 +240,14 @@ class Deployments:
                                app_json_record(detection.app_json))
                 record = await self._release(app, user, "push", f"deploy {commit[:12]}", emit, timings, enter,
                                              build, config, release_command=release_command)
-                await asyncio.to_thread(self.records.went_live, deployment_id, record.version, timings)
+                # Live from here: what follows is tidying, and cannot fail the push or touch the build.
                 emit(f"-----> Released v{record.version} in {sum(timings.values()):.1f}s")
                 emit(self._live_line(app, record))
-                in_use = await asyncio.to_thread(self.ledger.artifacts_in_use, app, KEEP_BUILDS)
-                await asyncio.to_thread(self.workspace.prune_builds, app, deployment_id, in_use)
+                try:
+                    in_use = await asyncio.to_thread(self.ledger.artifacts_in_use, app, KEEP_BUILDS)
+                    await asyncio.to_thread(self.workspace.prune_builds, app, deployment_id, in_use)
+                except Exception:
+                    log.exception("pruning the old builds of %s failed", app)
         except Exception as exc:
             failed_stage = getattr(exc, "stage", stage)
             message = getattr(exc, "message", str(exc))
@@ -292,27 +307,46 @@ class Deployments:
         spec = await asyncio.to_thread(self._spec, app, version, cwd, build.processes, env, build.app_json, None)
         cutover = await self.rollout.deploy(spec, lambda line: emit(f"       {line}"))
         timings["health checks"] = round(time.monotonic() - t, 3)
-        postdeploy = build.app_json.get("postdeploy")
-        if postdeploy:
-            t = time.monotonic()
-            await enter("postdeploy", "releasing")
-            emit(f"-----> Running postdeploy: {postdeploy}")
-            code = await self.scheduler.run_once(app, "postdeploy", postdeploy, cwd, env,
-                                                 lambda line: emit(f"       {line}"))
-            if code != 0:
-                await cutover.revert()
-                back = f"routed back to v{latest.version}" if latest else "stopped the new processes"
-                raise DeployFailed("postdeploy", f"postdeploy exited with status {code}; {back}")
-            timings["postdeploy"] = round(time.monotonic() - t, 3)
-        record = await asyncio.to_thread(
-            self.ledger.record, app=app, commit=build.commit, artifact=build.artifact,
-            deployment_id=build.deployment_id, processes=build.processes, build_env=build.build_env,
-            config=dict(config), app_json=build.app_json, user=user, reason=reason, description=description)
+        try:
+            await self._postdeploy(app, build, cwd, env, latest, emit, timings, enter)
+
+            def mark(db: Session, number: int) -> None:
+                if reason == "push" and build.deployment_id is not None:
+                    self.records.went_live(db, build.deployment_id, number, timings)
+                else:
+                    self.records.serving(db, app, build.deployment_id)
+
+            record = await asyncio.to_thread(
+                self.ledger.record, app=app, commit=build.commit, artifact=build.artifact,
+                deployment_id=build.deployment_id, processes=build.processes, build_env=build.build_env,
+                config=dict(config), app_json=build.app_json, user=user, reason=reason, description=description,
+                then=mark)
+        except BaseException:
+            # Whatever stopped the release (postdeploy, a database error, the daemon stopping): the router goes
+            # back to what served, and the new processes stop.
+            await cutover.revert()
+            raise
         cutover.finish()
-        await asyncio.to_thread(self.settings.set_stopped, app, False)
-        if reason != "push":
-            await asyncio.to_thread(self.records.serving, app, build.deployment_id)
+        try:
+            await asyncio.to_thread(self.settings.set_stopped, app, False)
+        except Exception:
+            log.exception("noting that %s runs again failed", app)
         return record
+
+    async def _postdeploy(self, app: str, build: _Build, cwd: Path, env: dict[str, str],
+                          latest: ReleaseRecord | None, emit: Say, timings: dict, enter: Enter) -> None:
+        postdeploy = build.app_json.get("postdeploy")
+        if not postdeploy:
+            return
+        t = time.monotonic()
+        await enter("postdeploy", "releasing")
+        emit(f"-----> Running postdeploy: {postdeploy}")
+        code = await self.scheduler.run_once(app, "postdeploy", postdeploy, cwd, env,
+                                             lambda line: emit(f"       {line}"))
+        if code != 0:
+            back = f"routed back to v{latest.version}" if latest else "stopped the new processes"
+            raise DeployFailed("postdeploy", f"postdeploy exited with status {code}; {back}")
+        timings["postdeploy"] = round(time.monotonic() - t, 3)
 
     async def _rerelease(self, app: str, user: str, reason: str, description: str, say: Say, source: ReleaseRecord,
                          config: Mapping[str, str]) -> ReleaseRecord:
@@ -340,7 +374,7 @@ class Deployments:
         """Set and unset config vars. They become the app's config only once a release with them is live: if
         that release fails, the app keeps the config its live release has, and this raises DeployFailed."""
         new_values = {check_key(k): check_value(k, v) for k, v in values.items()}
-        async with self._lock(app):
+        async with self._now(app):
             current = await asyncio.to_thread(self.config_vars.get_all, app)
             config = {**current, **new_values}
             for key in unset:
@@ -362,7 +396,7 @@ class Deployments:
 
     async def rollback(self, app: str, version: int, user: str, say: Say) -> ReleaseRecord:
         """As on Heroku, the old release's config comes back too, and stays for later releases."""
-        async with self._lock(app):
+        async with self._now(app):
             target = await asyncio.to_thread(self.ledger.get, app, version)
             record = await self._rerelease(app, user, "rollback", f"rollback to v{version}", say, target,
                                            target.config)
@@ -372,7 +406,7 @@ class Deployments:
     async def restart(self, app: str, say: Say, user: str = "platform") -> ReleaseRecord | None:
         """Fresh processes of the live release, rolled out like a deploy; None if never deployed. Config stored
         with --no-restart (or while the app was stopped) goes live now, as a new release."""
-        async with self._lock(app):
+        async with self._now(app):
             latest = await asyncio.to_thread(self.ledger.latest, app)
             if latest is None:
                 return None
@@ -401,7 +435,7 @@ class Deployments:
         """ps:scale: the formation (only the live release's process types, within the limits), rolled out
         without downtime and stored once it runs; no new release, as on Heroku. Returns it, and whether
         anything changed."""
-        async with self._lock(app):
+        async with self._now(app):
             latest = await asyncio.to_thread(self.ledger.latest, app)
             if latest is None:
                 raise PipelineInputError(f"{app} has not been deployed yet: push it first, then scale")
@@ -418,7 +452,7 @@ class Deployments:
 
     async def stop(self, app: str) -> None:
         """ps:stop: the processes stop, and stay stopped across daemon restarts until ps:start or a deploy."""
-        async with self._lock(app):
+        async with self._now(app):
             await asyncio.to_thread(self.settings.set_stopped, app, True)
             await self.rollout.stop_app(app, await asyncio.to_thread(self.hostnames, app))
 

@@ -49,6 +49,9 @@ class Limits(BaseModel):
                                                                   "reads (package-lock.json, requirements.txt with "
                                                                   "what it includes, go.mod...), in bytes")
     max_process_types: int = Field(32, ge=1, description="most process types one app may declare")
+    max_checks_per_type: int = Field(5, ge=1, description="most app.json health checks one process type may have")
+    max_check_seconds: float = Field(600.0, gt=0, description="longest one app.json health check may take in all "
+                                                              "(initialDelay + attempts x (timeout + wait))")
     max_replicas_per_type: int = Field(32, ge=1, description="most processes of one type (ps:scale, formation)")
     max_replicas_per_app: int = Field(64, ge=1, description="most processes of one app, all types together")
     max_config_vars: int = Field(500, ge=1, description="most config vars one app may have")
@@ -75,6 +78,8 @@ class Limits(BaseModel):
     max_ssh_connections: int = Field(256, ge=1, description="most SSH connections open at once, authenticated or not")
     max_ssh_sessions: int = Field(10, ge=1, description="most sessions (git or commands) open at once on one SSH "
                                                         "connection, as OpenSSH's MaxSessions")
+    max_commands_per_user: int = Field(4, ge=1, description="most management commands one user may have running at "
+                                                            "once (SSH and API together)")
     request_head_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request head")
     request_idle_timeout: float = Field(60.0, gt=0, description="seconds a client may pause while sending a "
                                                                 "request body or reading an answer")

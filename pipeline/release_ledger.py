@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.errors import PipelineInputError
 from pipeline.schema import Release
@@ -80,7 +81,9 @@ class ReleaseLedger:
 
     def record(self, *, app: str, commit: str, artifact: str, deployment_id: int | None, processes: dict[str, str],
                build_env: dict[str, str], config: dict[str, str], app_json: dict, user: str, reason: str,
-               description: str) -> ReleaseRecord:
+               description: str, then: Callable[[Session, int], None] = lambda db, version: None) -> ReleaseRecord:
+        """`then(db, version)` runs in the same transaction: what must be true exactly when the release is
+        (its deployment is the live one) commits with it, or neither does."""
         for _ in range(5):
             try:
                 with self.sessions.begin() as db:
@@ -91,6 +94,7 @@ class ReleaseLedger:
                                   description=description[:512], created_at=datetime.now(UTC).replace(tzinfo=None))
                     db.add(row)
                     db.flush()
+                    then(db, version)
                     return _record(row)
             except IntegrityError:
                 continue  # another release took the number; take the next

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 from collections.abc import Callable
@@ -76,6 +77,10 @@ class RemoteFetch:
 
     async def fetch(self, url: str, sha: str, git_dir: Path) -> None:
         """The commit `sha` of `url` into a new bare repository `git_dir`; raises GitFailed."""
+        if _over_ssh(url) and self.sandbox is not None and not _has_passwd_entry(self.sandbox.uid):
+            # OpenSSH will not run for a uid it cannot look up (and there would be no key to offer anyway).
+            raise GitFailed("ssh needs a build user with a passwd entry and an SSH key (devflow up --app-user "
+                            "NAME); give the submodule its https URL instead")
         await self._run("init", "--bare", "--quiet", str(git_dir))
         try:  # what GitHub and GitLab allow: just that commit
             await self._run("-C", str(git_dir), "fetch", "--quiet", "--no-tags", "--depth=1", "--", url, sha)
@@ -160,6 +165,23 @@ class RemoteFetch:
 
 class _TooMuch(Exception):
     """git's output went past what the caller takes."""
+
+
+def _over_ssh(url: str) -> bool:
+    """ssh://, git+ssh:// and scp-like `host:path` (a colon before any slash, with no scheme)."""
+    scheme, sep, _ = url.partition("://")
+    if sep:
+        return "ssh" in scheme.lower()
+    head = url.split("/", 1)[0]
+    return ":" in head
+
+
+def _has_passwd_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 async def _each_chunk(stream: asyncio.StreamReader, output: Callable[[bytes], None] | None) -> None:

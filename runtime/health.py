@@ -14,6 +14,8 @@ from runtime.local.scheduler import Instance
 # Without app.json checks: how long a new web process may take to answer its first request.
 DEFAULT_STARTUP_SECONDS = 30.0
 POLL = 0.05
+# What a check reads of a response, at most: enough to find its `content`, never what an app chooses to send.
+BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,25 +41,42 @@ async def _crashed(instance: Instance) -> bool:
     return await asyncio.to_thread(instance.state) in ("crashed", "restarting", "stopped", "lost")
 
 
+async def _get(client: httpx.AsyncClient, instance: Instance, path: str, timeout: float) -> tuple[int, bytes]:
+    """The status and the first BODY_BYTES of the body, all within `timeout`: httpx's own timeout is per
+    read, and a process that keeps sending would otherwise hold the check, and the daemon's memory, forever.
+    Raw bytes, asked for uncompressed: nothing the app sends is inflated here."""
+    async with asyncio.timeout(timeout):
+        async with client.stream("GET", f"http://127.0.0.1:{instance.port}{path}", timeout=timeout,
+                                 headers={"Accept-Encoding": "identity"}) as response:
+            body = b""
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) >= BODY_BYTES:
+                    break
+            return response.status_code, body[:BODY_BYTES]
+
+
 async def probe(client: httpx.AsyncClient, instance: Instance, check: Check) -> str | None:
     """None when the check passes, else why not. As in Dokku, a declared check passes on 2xx or 3xx only
     (and with the content, when it names one): an app answering 404 on its check path is not healthy."""
     try:
-        response = await client.get(f"http://127.0.0.1:{instance.port}{check.path}", timeout=check.timeout)
+        status, body = await _get(client, instance, check.path, check.timeout)
+    except TimeoutError:
+        return f"GET {check.path}: no answer within {check.timeout:g}s"
     except httpx.HTTPError as exc:
         return f"GET {check.path}: {type(exc).__name__}"
-    if not 200 <= response.status_code < 400:
-        return f"GET {check.path}: HTTP {response.status_code}"
-    if check.content is not None and check.content not in response.text:
-        return f"GET {check.path}: body does not contain {check.content!r}"
+    if not 200 <= status < 400:
+        return f"GET {check.path}: HTTP {status}"
+    if check.content is not None and check.content not in body.decode(errors="replace"):
+        return f"GET {check.path}: the first {BODY_BYTES // 1024} KiB of the body do not contain {check.content!r}"
     return None
 
 
 async def _answers(client: httpx.AsyncClient, instance: Instance, timeout: float) -> bool:
     """Without declared checks a web process is up once it answers HTTP at all, whatever the status."""
     try:
-        await client.get(f"http://127.0.0.1:{instance.port}/", timeout=timeout)
-    except httpx.HTTPError:
+        await _get(client, instance, "/", timeout)
+    except (TimeoutError, httpx.HTTPError):
         return False
     return True
 

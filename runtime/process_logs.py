@@ -23,13 +23,15 @@ from runtime.rotating_log import DEFAULT_MAX_BYTES, RotatingLog, rotated
 log = logging.getLogger(__name__)
 
 WARN_EVERY = 60.0  # seconds between two warnings about log writes failing (a full disk fails every line)
+MAX_POSTED = 10_000  # lines waiting for the log thread; past it (a disk slower than a build's output) they drop
 
 
 class ProcessLogs:
     def __init__(self, root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.root = root
         self.max_bytes = max_bytes
-        self._posted: queue.SimpleQueue[tuple[Path, bytes, bool] | threading.Event] = queue.SimpleQueue()
+        self._posted: queue.Queue[tuple[Path, bytes, bool] | threading.Event] = queue.Queue(MAX_POSTED)
+        self._dropped: dict[str, int] = {}  # app -> lines posted while the queue was full
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
         self._warned_at = 0.0
@@ -51,9 +53,19 @@ class ProcessLogs:
         """From the event loop: never blocks. The log thread writes posted lines in order (to the deployment's
         own log too, with its id), so a slow or full disk costs log lines, never the daemon's loop."""
         self._start_writer()
-        self._posted.put((self.path_of(app), _lines(source, text), True))
+        entries = [(self.path_of(app), _lines(source, text), True)]
         if deployment_id is not None:
-            self._posted.put((self.deployment_path(app, deployment_id), (text + "\n").encode(), False))
+            entries.append((self.deployment_path(app, deployment_id), (text + "\n").encode(), False))
+        if dropped := self._dropped.get(app):
+            entries.insert(0, (self.path_of(app), _lines("devflow", f"[{dropped} lines dropped: written faster "
+                                                                      "than the disk took them]"), True))
+        try:
+            for entry in entries:
+                self._posted.put_nowait(entry)
+        except queue.Full:
+            self._dropped[app] = self._dropped.get(app, 0) + 1
+        else:
+            self._dropped.pop(app, None)
 
     def path_of(self, app: str) -> Path:
         """The app log's path, without creating its directory (the log thread does)."""

@@ -245,6 +245,16 @@ def test_network_errors_are_git_s_own_and_name_no_local_path(served: Daemon, lib
     assert str(served.apps_dir) not in reason and str(served.data) not in reason
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="apps have uids of their own (with no passwd entry) under root only")
+@pytest.mark.parametrize("url", ["ssh://git@127.0.0.9/elsewhere.git", "git@127.0.0.9:elsewhere.git"])
+def test_ssh_submodules_say_what_they_need(served: Daemon, lib: str, url: str) -> None:
+    repo = make_repo(served.work / f"overssh{len(url)}", {"Procfile": "web: python3 -m http.server $PORT\n"})
+    add_submodule(served, repo, "vendor/ssh", url, lib)
+    reason = refusal(push_as(served, repo, f"overssh{len(url)}"))
+    assert f"submodule vendor/ssh: cannot fetch {url}: ssh needs a build user with a passwd entry" in reason, reason
+    assert "--app-user" in reason and "https URL" in reason and "No user exists" not in reason
+
+
 def test_a_fetch_that_hangs_is_cut_at_the_submodule_timeout(served: Daemon, lib: str) -> None:
     with socket.socket() as silent:  # accepts connections (the kernel does) and never says a word
         silent.bind(("127.0.0.1", 0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -54,7 +54,7 @@ class GitService:
     @asynccontextmanager
     async def exchange(
         self, actor: Actor, app: str, service: Service, transport: str, *,
-        protocol: str | None, stateless: bool, advertise: bool, on_stderr: Callable[[bytes], None],
+        protocol: str | None, stateless: bool, advertise: bool, on_stderr: Callable[[bytes], Awaitable[None]],
     ) -> AsyncIterator[PackProcess]:
         repo = self.apps.repositories.path(app)
         env: dict[str, str] = {}

@@ -14,15 +14,30 @@ from receivers.push_events import PushRejected, RefUpdate
 log = logging.getLogger(__name__)
 
 REQUEST_LIMIT = 64 * 1024 * 1024
+BUFFERED_BYTES = 1024 * 1024  # of output waiting for a slow pusher
 
 
 class _StreamReply:
+    """The push's output to its hook, never more than BUFFERED_BYTES held for a client that reads slowly (or
+    not at all): past that, lines are dropped, and the client is told how many once it catches up."""
+
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
+        self.dropped = 0
 
     def say(self, line: str) -> None:
+        if self.writer.transport.get_write_buffer_size() > BUFFERED_BYTES:
+            self.dropped += len(line.splitlines()) or 1
+            return
+        if self.dropped:
+            self._write(f"[{self.dropped} lines of output dropped: the push read them too slowly; the app's "
+                        "`logs` have them]")
+            self.dropped = 0
         for part in line.splitlines() or [""]:
-            self.writer.write(json.dumps({"say": part}).encode() + b"\n")
+            self._write(part)
+
+    def _write(self, part: str) -> None:
+        self.writer.write(json.dumps({"say": part}).encode() + b"\n")
 
 
 class HookServer:

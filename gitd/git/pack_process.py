@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +25,25 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 class PackProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, on_stderr: Callable[[bytes], None]) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, on_stderr: Callable[[bytes], Awaitable[None]]) -> None:
         self.proc = proc
         self._stderr_task = asyncio.create_task(self._pump_stderr(on_stderr))
 
     @classmethod
-    async def start(cls, argv: list[str], env: dict[str, str], on_stderr: Callable[[bytes], None]) -> PackProcess:
+    async def start(cls, argv: list[str], env: dict[str, str],
+                    on_stderr: Callable[[bytes], Awaitable[None]]) -> PackProcess:
         proc = await asyncio.create_subprocess_exec(
             *argv, env=clean_env(env), limit=CHUNK,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         return cls(proc, on_stderr)
 
-    async def _pump_stderr(self, on_stderr: Callable[[bytes], None]) -> None:
+    async def _pump_stderr(self, on_stderr: Callable[[bytes], Awaitable[None]]) -> None:
+        """`on_stderr` waits while its reader is behind: the program then waits on its full pipe, and nothing
+        piles up in the daemon (a push's hook output is its deploy's, as long as the deploy chooses)."""
         assert self.proc.stderr is not None
         while chunk := await self.proc.stderr.read(CHUNK):
-            on_stderr(chunk)
+            await on_stderr(chunk)
 
     async def feed(self, chunks: AsyncIterator[bytes]) -> None:
         """Copy the client's bytes to the program, then close its stdin."""

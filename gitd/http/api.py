@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gitd.commands.command_threads import run_command
+from gitd.commands.command_threads import CommandThreads
 from gitd.errors import DevflowError, InvalidInput
 from gitd.http.auth import authenticate
 from gitd.http.request_body import PayloadTooLarge, RequestBody
@@ -82,13 +82,14 @@ def _process_action(m: Management, request: Request, body: dict) -> dict:
     return action(request.path_params["app"])
 
 
-def api_routes(directory: Directory, management_for: Callable[[Actor], Management], limits: Limits) -> list[Route]:
+def api_routes(directory: Directory, management_for: Callable[[Actor], Management], limits: Limits,
+               commands: CommandThreads) -> list[Route]:
     def endpoint(handler: Handler, status: int = 200) -> Callable[[Request], Awaitable[JSONResponse]]:
         async def run(request: Request) -> JSONResponse:
             try:
                 actor = await authenticate(request, directory)
                 body = await _json_body(request, limits)
-                result = await run_command(handler, management_for(actor), request, body)
+                result = await commands.run(actor.name, handler, management_for(actor), request, body)
             except PayloadTooLarge as exc:
                 # The rest of the body is not worth reading: the connection closes after the answer.
                 return JSONResponse({"error": exc.message}, status_code=exc.status, headers={"Connection": "close"})

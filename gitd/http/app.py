@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from starlette.applications import Starlette
 
+from gitd.commands.command_threads import CommandThreads
 from gitd.git.git_service import GitService
 from gitd.http.api import api_routes
 from gitd.http.smart_git import git_routes
@@ -18,10 +19,10 @@ from pipeline.limits import Limits
 
 def build_app(
     info: ServiceInfo, directory: Directory, git: GitService, management_for: Callable[[Actor], Management],
-    limits: Limits,
+    limits: Limits, commands: CommandThreads,
 ) -> Starlette:
     return Starlette(routes=[
         *status_routes(info),
-        *api_routes(directory, management_for, limits),
+        *api_routes(directory, management_for, limits, commands),
         *git_routes(git, directory, limits),
     ])

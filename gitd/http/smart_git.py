@@ -23,6 +23,7 @@ from pipeline.limits import Limits
 log = logging.getLogger(__name__)
 
 SERVICES: dict[str, Service] = {"git-upload-pack": "upload-pack", "git-receive-pack": "receive-pack"}
+STDERR_TAIL = 500
 NO_CACHE = {"Cache-Control": "no-cache, max-age=0, must-revalidate", "Pragma": "no-cache",
             "Expires": "Fri, 01 Jan 1980 00:00:00 GMT"}
 
@@ -83,10 +84,16 @@ class PackResponse:
                 await send({"type": "http.response.start", "status": 200,
                             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
 
-        stderr: list[bytes] = []
+        stderr = bytearray()
+
+        async def keep_tail(chunk: bytes) -> None:
+            """Only for the daemon's log, should the program fail: its last words."""
+            stderr.extend(chunk)
+            del stderr[:-STDERR_TAIL]
+
         async with self.git.exchange(
             actor, self.app, self.service, "http", protocol=protocol, stateless=True,
-            advertise=advertise, on_stderr=stderr.append,
+            advertise=advertise, on_stderr=keep_tail,
         ) as pack:
             if advertise and "version=2" not in (protocol or ""):
                 await start()
@@ -115,7 +122,7 @@ class PackResponse:
             log.info("feeding git %s for %s stopped: %r", self.service, self.app, fed)
         if code != 0 and not (refused or self.hung_up):
             log.warning("git %s for %s exited %s: %s", self.service, self.app, code,
-                        b"".join(stderr).decode(errors="replace").strip()[-500:])
+                        stderr.decode(errors="replace").strip())
         await start()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncssh
 
 from gitd.commands import table
-from gitd.commands.command_threads import run_command
+from gitd.commands.command_threads import CommandThreads
 from gitd.errors import DevflowError
 from gitd.git.git_service import GitService
 from gitd.identity.directory import Directory
@@ -58,12 +58,20 @@ async def client_bytes(process: asyncssh.SSHServerProcess) -> AsyncIterator[byte
             yield chunk[start:start + SLICE]
 
 
+async def _to(stream: asyncssh.SSHWriter, chunk: bytes) -> None:
+    """Written as fast as the client reads: a client that stops reading holds the program, not memory."""
+    stream.write(chunk)
+    await stream.drain()
+
+
 class SessionHandler:
-    def __init__(self, git: GitService, directory: Directory, management_for, limits: Limits) -> None:
+    def __init__(self, git: GitService, directory: Directory, management_for, limits: Limits,
+                 commands: CommandThreads) -> None:
         self.git = git
         self.directory = directory
         self.management_for = management_for  # Actor -> Management
         self.limits = limits
+        self.commands = commands
         self._sessions: dict[asyncssh.SSHServerConnection, int] = {}  # open sessions per connection
 
     async def handle(self, process: asyncssh.SSHServerProcess) -> None:
@@ -142,7 +150,7 @@ class SessionHandler:
 
         async with self.git.exchange(
             actor, app, service, "ssh",  # type: ignore[arg-type]
-            protocol=protocol, stateless=False, advertise=False, on_stderr=process.stderr.write,
+            protocol=protocol, stateless=False, advertise=False, on_stderr=lambda chunk: _to(process.stderr, chunk),
         ) as pack:
             feeder = asyncio.create_task(pack.feed(client_bytes(process)))
             try:
@@ -177,6 +185,6 @@ class SessionHandler:
         def read_stdin() -> str:
             return asyncio.run_coroutine_threadsafe(read_all(), loop).result().decode("utf-8", "replace")
 
-        output = await run_command(table.run, argv, self.management_for(actor), read_stdin)
+        output = await self.commands.run(actor.name, table.run, argv, self.management_for(actor), read_stdin)
         process.stdout.write(output.encode())
         return 0

@@ -206,6 +206,8 @@ def _stat_fields(pid: int | str) -> list[str] | None:
         return None
     try:
         data = os.read(fd, 4096)
+    except ProcessLookupError:  # it exited between the open and the read
+        return None
     finally:
         os.close(fd)
     return data.rpartition(b")")[2].decode().split()
