@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,3 +227,73 @@ def test_a_pushed_formation_past_the_limits_is_refused(live: Daemon) -> None:
     assert result.returncode != 0 and "5 processes in all" in result.stderr
     assert "--max-replicas-per-app" in result.stderr
     assert live.api().get("apps/bigform/processes").json() == []
+
+
+def test_commands_do_not_wait_behind_a_deployment_under_way(live: Daemon) -> None:
+    repo = app_repo(live, "busy", files={"Procfile": "web: python3 app.py\nrelease: sleep 4\n"})
+    push(live, repo, "busy")
+    (repo / "app.py").write_text((repo / "app.py").read_text().replace('"v1"', '"v2"'))
+    commit(repo, "v2")
+    queued = live.git("push", "-o", "detach", f"{live.ssh_url}/busy.git", "main", cwd=repo, check=False)
+    assert queued.returncode == 0, queued.stderr
+    refused = live.ssh("config:set", "busy", "A=1")
+    assert refused.returncode == 1 and "a deployment of busy is under way" in refused.stderr
+    for _ in range(300):
+        if get(live, "busy").text == "stdlib v2":
+            break
+        time.sleep(0.1)
+    assert live.ssh("config:set", "busy", "A=1").returncode == 0  # once it is done
+
+
+def test_one_user_may_run_only_a_few_commands_at_once(live: Daemon) -> None:
+    slow = {"Procfile": "web: sleep 3 && python3 app.py\n"}  # every restart waits for it to answer
+    for n in range(5):
+        push(live, app_repo(live, f"slow{n}", files=slow), f"slow{n}")
+    bystander = live.add_user("bystander")
+    results: list[subprocess.CompletedProcess] = []
+
+    def restart(n: int) -> None:
+        results.append(live.ssh("ps:restart", f"slow{n}"))
+
+    threads = [threading.Thread(target=restart, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)  # in order: the first four are running when the fifth comes
+    assert live.ssh("whoami", key=bystander).returncode == 0  # others are served meanwhile
+    for thread in threads:
+        thread.join()
+    refused = [r for r in results if r.returncode != 0]
+    assert len(refused) == 1 and "--max-commands-per-user" in refused[0].stderr, [r.stderr for r in results]
+    api = httpx.post(f"{live.http}/api/apps/slow0/processes/restart", headers={"Authorization": f"Bearer {live.token}"},
+                     timeout=60)
+    assert api.status_code == 200  # the limit counts commands running, not commands ever run
+
+
+def test_health_checks_read_a_bounded_part_of_an_endless_answer(live: Daemon) -> None:
+    endless = '''import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"%x\\r\\n%s\\r\\n" % (65536, b"z" * 65536)
+        try:
+            while True:
+                self.wfile.write(chunk)
+        except OSError:
+            pass
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+'''
+    checks = {"healthchecks": {"web": [{"path": "/", "content": "never in it", "attempts": 2, "wait": 1,
+                                        "timeout": 3}]}}
+    repo = app_repo(live, "endless", files={"app.py": endless, "app.json": json.dumps(checks)})
+    status = Path(f"/proc/{live.proc.pid}/status")
+    Path(f"/proc/{live.proc.pid}/clear_refs").write_text("5")
+    before = int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:")))
+    result = push(live, repo, "endless", check=False)
+    after = int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:")))
+    assert result.returncode != 0 and "do not contain 'never in it'" in result.stderr, result.stderr
+    assert after - before < 100 * 1024, f"the daemon grew by {(after - before) // 1024} MiB"
