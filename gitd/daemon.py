@@ -38,6 +38,7 @@ from gitd.http.status_page import ServiceInfo
 from gitd.identity.directory import Directory
 from gitd.identity.public_keys import fingerprint_of
 from gitd.identity.roles import Actor
+from gitd.log_followers import LogFollowers
 from gitd.management import Management
 from gitd.remote_urls import RemoteUrls
 from gitd.settings import Settings
@@ -173,7 +174,7 @@ class Daemon:
         )
         remote_urls = RemoteUrls(self.apps, settings.host, settings.ssh_port, settings.http_port)
         self.receiver.subscribe(DeployOnPush(self.deployments, deploy_settings, remote_urls.for_user))
-        self.deploy_services = DeployServices(self.deployments, self._run_on_loop)
+        self.deploy_services = DeployServices(self.deployments, self._run_on_loop, LogFollowers(self.limits))
         self.commands = CommandThreads(self.limits)
         self._loop: asyncio.AbstractEventLoop | None = None
         push_sessions = PushSessions()

@@ -18,6 +18,7 @@ from typing import Any
 from gitd.apps import AppRegistry
 from gitd.errors import DevflowError, InvalidInput, NotFound
 from gitd.identity.roles import Actor, Role
+from gitd.log_followers import LogFollowers
 from pipeline.deployments import Deployments
 from pipeline.errors import DeployFailed, PipelineInputError
 from pipeline.release_ledger import parse_version
@@ -27,6 +28,12 @@ from pipeline.release_ledger import parse_version
 class DeployServices:
     deployments: Deployments  # owns the config vars, ledger, settings, rollout and logs it works with
     run: Callable[[Coroutine], Any]  # runs a coroutine on the daemon's loop, from a worker thread
+    followers: LogFollowers
+
+    def log_lines(self, tail: int) -> int:
+        """What a `logs` answer holds: as asked, all (0) meaning as many as the limit allows."""
+        most = self.deployments.limits.max_log_lines
+        return min(tail, most) if tail > 0 else most
 
 
 @contextmanager
@@ -157,15 +164,17 @@ class DeployManagement:
 
     def logs(self, app: str, tail: int = 100, process: str | None = None) -> list[str]:
         self.apps.authorize(self.actor, app, Role.WRITE)
-        return self.deploys.deployments.logs.tail(app, tail, process)
+        return self.deploys.deployments.logs.tail(app, self.deploys.log_lines(tail), process)
 
     async def follow_logs(self, app: str, tail: int, process: str | None = None,
                           stop: Callable[[], bool] = lambda: False) -> AsyncIterator[str]:
-        """`logs -f`: the last `tail` lines (all with 0), then new lines as they are written, until `stop()` or
-        the reader goes away. Refuses at once (before the first line) a reader who may not read the app's logs.
-        Runs on the daemon's loop, not in a command thread: it lasts as long as the reader."""
+        """`logs -f`: the last `tail` lines (as many as allowed with 0), then new lines as they are written, until
+        `stop()` or the reader goes away. Refuses at once (before the first line) a reader who may not read the
+        app's logs, or who follows too many already. Runs on the daemon's loop, not in a command thread: it lasts
+        as long as the reader."""
         await asyncio.to_thread(self.apps.authorize, self.actor, app, Role.WRITE)
-        return self.deploys.deployments.logs.follow(app, tail, process, stop=stop)
+        lines = self.deploys.deployments.logs.follow(app, self.deploys.log_lines(tail), process, stop=stop)
+        return self.deploys.followers.admit(self.actor.name, lines)
 
     def resources(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.WRITE)

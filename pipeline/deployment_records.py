@@ -92,6 +92,16 @@ class DeploymentRecords:
                      "seconds": round(sum(r.timings.values()), 2) if r.timings else None, "timings": r.timings,
                      "error": r.error, "created_at": r.created_at.isoformat(timespec="seconds")} for r in rows]
 
+    def prune(self, app: str, keep: int) -> list[int]:
+        """Past the newest `keep`, finished deployments go (never the live one); returns their ids."""
+        with self.sessions.begin() as db:
+            newest = select(Deployment.id).where(Deployment.app == app).order_by(Deployment.id.desc()).limit(keep)
+            old = list(db.scalars(select(Deployment.id).where(
+                Deployment.app == app, Deployment.id.not_in(newest), Deployment.state.not_in(("live", *UNFINISHED)))))
+            if old:
+                db.execute(delete(Deployment).where(Deployment.id.in_(old)))
+            return old
+
     def forget(self, app: str) -> None:
         with self.sessions.begin() as db:
             db.execute(delete(Deployment).where(Deployment.app == app))

@@ -240,14 +240,8 @@ class Deployments:
                                app_json_record(detection.app_json))
                 record = await self._release(app, user, "push", f"deploy {commit[:12]}", emit, timings, enter,
                                              build, config, release_command=release_command)
-                # Live from here: what follows is tidying, and cannot fail the push or touch the build.
                 emit(f"-----> Released v{record.version} in {sum(timings.values()):.1f}s")
                 emit(self._live_line(app, record))
-                try:
-                    in_use = await asyncio.to_thread(self.ledger.artifacts_in_use, app, KEEP_BUILDS)
-                    await asyncio.to_thread(self.workspace.prune_builds, app, deployment_id, in_use)
-                except Exception:
-                    log.exception("pruning the old builds of %s failed", app)
         except Exception as exc:
             failed_stage = getattr(exc, "stage", stage)
             message = getattr(exc, "message", str(exc))
@@ -327,10 +321,12 @@ class Deployments:
             await cutover.revert()
             raise
         cutover.finish()
+        # Live from here: what follows is tidying, which cannot fail the release or touch its build.
         try:
             await asyncio.to_thread(self.settings.set_stopped, app, False)
+            await asyncio.to_thread(self._prune, app, build.deployment_id or 0)
         except Exception:
-            log.exception("noting that %s runs again failed", app)
+            log.exception("tidying up after v%s of %s failed", record.version, app)
         return record
 
     async def _postdeploy(self, app: str, build: _Build, cwd: Path, env: dict[str, str],
@@ -494,6 +490,13 @@ class Deployments:
         self._newest_push.pop(app, None)
 
     # helpers
+
+    def _prune(self, app: str, newest: int) -> None:
+        """From a thread: old builds (but rollback targets), deployments and their logs, releases."""
+        in_use = self.ledger.artifacts_in_use(app, KEEP_BUILDS)
+        self.workspace.prune_builds(app, newest, in_use)
+        self.logs.forget_deployments(app, self.records.prune(app, self.limits.max_history))
+        self.ledger.prune(app, self.limits.max_history)
 
     async def _adopt_trees(self, app: str) -> None:
         sandbox = await asyncio.to_thread(self.scheduler.sandbox, app)

@@ -80,12 +80,19 @@ class Limits(BaseModel):
                                                         "connection, as OpenSSH's MaxSessions")
     max_commands_per_user: int = Field(4, ge=1, description="most management commands one user may have running at "
                                                             "once (SSH and API together)")
+    max_log_lines: int = Field(10_000, ge=100, description="most log lines one `logs` answer holds (--tail 0 means "
+                                                           "this many)")
+    max_log_followers: int = Field(64, ge=1, description="most `logs -f` followers at once, over all users")
+    max_log_followers_per_user: int = Field(4, ge=1, description="most `logs -f` one user may have open at once")
     request_head_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request head")
     request_idle_timeout: float = Field(60.0, gt=0, description="seconds a client may pause while sending a "
                                                                 "request body or reading an answer")
     # what one app keeps on disk
     log_max_bytes: int = Field(16 * MiB, ge=64 * KiB, description="an app's log is rotated to app.log.1 past this "
-                                                                  "size, in bytes")
+                                                                  "size, and one deployment's log stops there, in "
+                                                                  "bytes")
+    max_history: int = Field(100, ge=10, description="deployments (with their logs) and releases kept per app; older "
+                                                     "ones are removed")
 
     def refuse(self, name: str, what: str) -> LimitExceeded:
         """`what` went over the limit `name`: the message says what the limit is and how to raise it."""

@@ -104,6 +104,12 @@ class ReleaseLedger:
         """Artifacts of the newest `keep` releases: rollback targets whose builds must stay on disk."""
         return {r.artifact for r in self.list(app, keep)}
 
+    def prune(self, app: str, keep: int) -> None:
+        """Past the newest `keep`, releases go: numbers are never reused (the newest always stays)."""
+        with self.sessions.begin() as db:
+            newest = select(Release.version).where(Release.app == app).order_by(Release.version.desc()).limit(keep)
+            db.execute(delete(Release).where(Release.app == app, Release.version.not_in(newest)))
+
     def forget(self, app: str) -> None:
         with self.sessions.begin() as db:
             db.execute(delete(Release).where(Release.app == app))

@@ -23,6 +23,7 @@ from runtime.rotating_log import DEFAULT_MAX_BYTES, RotatingLog, rotated
 log = logging.getLogger(__name__)
 
 WARN_EVERY = 60.0  # seconds between two warnings about log writes failing (a full disk fails every line)
+TRUNCATED = b"[the rest of this deployment's output is not kept: it passed --log-max-bytes]\n"
 MAX_POSTED = 10_000  # lines waiting for the log thread; past it (a disk slower than a build's output) they drop
 
 
@@ -98,11 +99,7 @@ class ProcessLogs:
                     with RotatingLog(path, self.max_bytes) as log_file:
                         log_file.write(data)
                 else:
-                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                    try:
-                        os.write(fd, data)
-                    finally:
-                        os.close(fd)
+                    self._append_bounded(path, data)
             except OSError as exc:
                 if time.monotonic() - self._warned_at > WARN_EVERY:
                     self._warned_at = time.monotonic()
@@ -114,6 +111,24 @@ class ProcessLogs:
             return True
         match = LINE.match(line)
         return bool(match) and (match.group(2) == process or match.group(2).split(".")[0] == process)
+
+    def _append_bounded(self, path: Path, data: bytes) -> None:
+        """A deployment's own log stops at max_bytes, saying so once: a build that prints without end costs its
+        own output, not the disk."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size < self.max_bytes:
+                os.write(fd, data)
+            elif size < self.max_bytes + len(TRUNCATED):
+                os.write(fd, TRUNCATED)
+        finally:
+            os.close(fd)
+
+    def forget_deployments(self, app: str, deployment_ids: list[int]) -> None:
+        """From a thread: the logs of deployments no longer kept."""
+        for deployment_id in deployment_ids:
+            self.deployment_path(app, deployment_id).unlink(missing_ok=True)
 
     def tail(self, app: str, lines: int = 100, process: str | None = None) -> list[str]:
         """The last `lines` lines (all with 0), from the rotated file too when the current one has fewer.

@@ -25,7 +25,7 @@ def live(tmp_path_factory) -> Iterator[Daemon]:
         pytest.skip(reason="needs the C git and OpenSSH clients")
     d = start_daemon(tmp_path_factory.mktemp("releases"), extra_args=(
         "--max-config-vars", "20", "--max-config-bytes", "4096", "--max-domains-per-app", "2",
-        "--max-replicas-per-type", "3", "--max-replicas-per-app", "4"))
+        "--max-replicas-per-type", "3", "--max-replicas-per-app", "4", "--max-history", "10"))
     yield d
     stop_daemon(d)
 
@@ -297,3 +297,11 @@ http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_f
     after = int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:")))
     assert result.returncode != 0 and "do not contain 'never in it'" in result.stderr, result.stderr
     assert after - before < 100 * 1024, f"the daemon grew by {(after - before) // 1024} MiB"
+
+
+def test_history_is_bounded(live: Daemon) -> None:
+    push(live, app_repo(live, "history"), "history")
+    for n in range(11):
+        assert live.ssh("config:set", "history", f"N={n}").returncode == 0
+    assert versions(live, "history") == [f"v{n}" for n in range(12, 2, -1)]  # the newest ten
+    assert live.ssh("rollback", "history", "v2").returncode != 0

@@ -113,3 +113,16 @@ def test_follow_with_a_tail_misses_no_line_written_as_it_starts_and_joins_a_line
     seen = asyncio.run(follow_while_writing())
     assert 45 <= seen[0] <= 145  # five lines of tail, from wherever the file ended when the reader started
     assert seen == list(range(seen[0], 300)), seen
+
+
+def test_a_deployments_own_log_stops_at_the_bound_and_says_so(tmp_path: Path) -> None:
+    logs = ProcessLogs(tmp_path, max_bytes=64 * 1024)
+    for n in range(5000):  # about 200 KiB
+        logs.post("demo", "build", f"line {n:05d} " + "x" * 30, deployment_id=7)
+    logs.flush()
+    kept = logs.deployment_path("demo", 7).read_bytes()
+    assert len(kept) < 64 * 1024 + 200 and kept.endswith(b"passed --log-max-bytes]\n")
+    assert kept.startswith(b"line 00000 ")
+    assert logs.tail("demo", 1)[0].endswith("line 04999 " + "x" * 30)  # the app's log rotates instead
+    logs.forget_deployments("demo", [7])
+    assert not logs.deployment_path("demo", 7).exists()
