@@ -75,6 +75,12 @@ class Limits(BaseModel):
                                                               "answers on one connection (the connection closes "
                                                               "past it)")
     max_http_connections: int = Field(256, ge=1, description="most HTTP connections open at once (503 past it)")
+    max_connections_per_client: int = Field(64, ge=1, description="most HTTP, and most unauthenticated SSH, "
+                                                                  "connections one client address may hold at once")
+    max_ssh_unauthenticated: int = Field(64, ge=1, description="most SSH connections still authenticating at once, "
+                                                               "over all clients")
+    max_auth_tries: int = Field(6, ge=1, description="most keys one SSH connection may offer, as OpenSSH's "
+                                                     "MaxAuthTries")
     max_ssh_connections: int = Field(256, ge=1, description="most SSH connections open at once, authenticated or not")
     max_ssh_sessions: int = Field(10, ge=1, description="most sessions (git or commands) open at once on one SSH "
                                                         "connection, as OpenSSH's MaxSessions")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncssh
 import pytest
-from conftest import Daemon, start_daemon, stop_daemon
+from conftest import Daemon, keygen, start_daemon, stop_daemon
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +65,42 @@ def test_sessions_on_one_connection_are_bounded(bounded: Daemon) -> None:
     refusal, after = errors.split("|")
     assert status == 1 and "too many sessions on one connection" in refusal and "--max-ssh-sessions" in refusal
     assert after == "0"  # once the others end, the connection serves again
+
+
+def test_a_connection_may_offer_only_a_few_keys(bounded: Daemon, tmp_path: Path) -> None:
+    d = bounded
+    strangers = [keygen(tmp_path / f"stranger{n}") for n in range(7)]
+
+    def whoami(*keys: Path) -> subprocess.CompletedProcess:
+        argv = ["ssh", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-p", str(d.ssh_port)]
+        for key in keys:
+            argv += ["-i", str(key)]
+        return subprocess.run([*argv, "git@127.0.0.1", "whoami"], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=60)
+
+    late = whoami(*strangers, d.admin_key)  # the admin's key comes eighth: past the limit of six
+    assert late.returncode == 255 and "name: admin" not in late.stdout
+    early = whoami(*strangers[:3], d.admin_key)
+    assert early.returncode == 0 and "name: admin" in early.stdout
+
+
+def test_one_client_address_holds_only_so_many_connections(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path, extra_args=("--max-connections-per-client", "2"))
+    try:
+        ssh_idle = [socket.create_connection(("127.0.0.1", d.ssh_port), timeout=10) for _ in range(2)]
+        http_idle = [socket.create_connection(("127.0.0.1", d.http_port), timeout=10) for _ in range(2)]
+        try:
+            assert d.ssh("whoami").returncode == 255  # a third connection still authenticating: dropped
+            with socket.create_connection(("127.0.0.1", d.http_port), timeout=10) as third:
+                third.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert third.recv(64).startswith(b"HTTP/1.1 503")
+        finally:
+            for conn in ssh_idle + http_idle:
+                conn.close()
+        for _ in range(50):
+            if (answer := d.ssh("whoami")).returncode == 0:
+                break
+        assert answer.returncode == 0
+    finally:
+        stop_daemon(d)

@@ -60,6 +60,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             busy = self.limits.refuse("max_http_connections", "too many open connections, try again shortly")
             self._refuse(503, busy)
             return
+        address = self.client[0] if self.client else None
+        if address and sum(1 for c in self.connections if c.client and c.client[0] == address) > \
+                self.limits.max_connections_per_client:
+            self._refuse(503, self.limits.refuse("max_connections_per_client", f"{address} holds too many "
+                                                 "connections, try again once some have closed"))
+            return
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -38,12 +38,23 @@ class AuthServer(asyncssh.SSHServer):
         self.open_connections = open_connections
         self.limits = limits
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.address = ""
+        self.authenticated = False
         self._candidate: Actor | None = None
         self._key: asyncssh.SSHKey | None = None
+        self._offered: set[bytes] = set()  # the keys offered so far (asyncssh asks twice for the one it uses)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.open_connections.add(self)
+        address = self.address = (conn.get_extra_info("peername") or ("",))[0]
+        waiting = [c for c in self.open_connections if not c.authenticated]
+        if len(waiting) > self.limits.max_ssh_unauthenticated or \
+                sum(1 for c in waiting if c.address == address) > self.limits.max_connections_per_client:
+            log.warning("ssh: dropped a connection from %s: %d connections are authenticating "
+                        "(--max-ssh-unauthenticated, --max-connections-per-client)", address, len(waiting) - 1)
+            conn.abort()
+            return
         if len(self.open_connections) > self.limits.max_ssh_connections:
             # Before any authentication: anonymous clients must not hold every slot of the daemon's descriptors.
             # Nothing the client could show can be said before the version exchange: dropped, as OpenSSH's
@@ -65,12 +76,19 @@ class AuthServer(asyncssh.SSHServer):
         # asyncssh calls this for a key offered without a signature too; the key is only
         # trusted when auth_completed() follows, which asyncssh does only after it checked
         # the signature of the request that called this last.
+        self._offered.add(key.public_data)
+        if len(self._offered) > self.limits.max_auth_tries:
+            assert self.conn is not None
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, str(self.limits.refuse(
+                "max_auth_tries", "too many keys offered on one connection")))
+            return False
         self._candidate = await asyncio.to_thread(self.directory.actor_for_key, key)
         self._key = key
         return self._candidate is not None
 
     def auth_completed(self) -> None:
         assert self.conn is not None and self._candidate is not None
+        self.authenticated = True
         self.conn.set_extra_info(devflow_key=self._key)
         log.info("ssh: %s authenticated (%s) from %s", self._candidate.name, self._candidate.via,
                  self.conn.get_extra_info("peername"))
