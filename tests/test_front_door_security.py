@@ -480,25 +480,33 @@ def test_agent_forwarding_is_refused(cgit_daemon: Daemon) -> None:
 
 
 def test_slow_commands_do_not_stall_logins(cgit_daemon: Daemon) -> None:
-    """Ten commands waiting on their stdin hold ten command threads; logins and commands still go through."""
+    """A user's commands waiting on their stdin hold command threads, as many as that user may; the rest of
+    theirs are refused at once, and another user's login and commands still go through."""
     d = cgit_daemon
+    hog = d.add_user("hog")
 
-    async def run() -> tuple[int | None, bytes]:
-        async with asyncssh.connect("127.0.0.1", d.ssh_port, username="git", client_keys=[str(d.admin_key)],
+    async def run() -> tuple[int | None, bytes, list[int | None]]:
+        async with asyncssh.connect("127.0.0.1", d.ssh_port, username="git", client_keys=[str(hog)],
                                     known_hosts=None, agent_path=None) as conn:
             waiting = [await conn.create_process("keys:add", encoding=None) for _ in range(10)]
             try:
+                for _ in range(200):  # the refused ones end at once; the others wait for their stdin
+                    if sum(p.exit_status is not None for p in waiting) >= 6:
+                        break
+                    await asyncio.sleep(0.05)
+                early = [p.exit_status for p in waiting]
                 whoami = await asyncio.wait_for(
                     asyncio.to_thread(d.ssh, "whoami"), 60)  # a new connection: login, key lookup, command
-                return whoami.returncode, whoami.stdout.encode()
+                return whoami.returncode, whoami.stdout.encode(), early
             finally:
                 for process in waiting:
                     process.stdin.write_eof()
                 for process in waiting:
                     await process.wait()
 
-    status, out = asyncio.run(asyncio.wait_for(run(), 120))
+    status, out, early = asyncio.run(asyncio.wait_for(run(), 120))
     assert status == 0 and b"admin" in out
+    assert early.count(1) == 6 and early.count(None) == 4  # past --max-commands-per-user (4): refused at once
 
 
 def test_offered_but_unproven_key_never_authenticates(cgit_daemon: Daemon) -> None:
