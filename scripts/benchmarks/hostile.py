@@ -189,7 +189,7 @@ class Bench:
                                 cwd=repo, env=env, capture_output=True, text=True, timeout=900)
         if result.returncode == 0:
             return "deployed"
-        refused = [line.removeprefix("remote:").strip() for line in result.stderr.splitlines() if " !  " in line]
+        refused = [line.removeprefix("remote:").strip(" !") for line in result.stderr.splitlines() if " !  " in line]
         return "refused: " + (refused[0] if refused else result.stderr.strip().splitlines()[-1])
 
 
