@@ -6,17 +6,21 @@ or a sparse file of a terabyte. So every path is walked one component at a time 
 O_NOFOLLOW. A link met on the way is resolved by hand, and only to somewhere inside the tree: a committed
 `Procfile -> deploy/Procfile` works, `-> /etc/shadow` or `-> ../../..` is refused. The last open is
 O_NONBLOCK and must give a regular file (or directory), and a read stops at its bound. Writes follow no link
-at all. These are blocking system calls: async code runs them in a thread.
+at all and never go into an existing inode (see `write_file`), and root creates no directory here: one it made
+would be root's, and the app's user could neither empty nor remove it. These are blocking system calls: async
+code runs them in a thread.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import secrets
 import stat
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import PipelineInputError
@@ -24,6 +28,8 @@ from pipeline.limits import byte_size
 
 # The kernel's own bound on links followed in one lookup (MAXSYMLINKS).
 MAX_LINKS = 40
+# Files are read (and hashed, and copied) this much at a time: a lockfile of 64 MiB never sits whole in memory.
+CHUNK_BYTES = 1 << 20
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
@@ -38,6 +44,10 @@ class FileTooLarge(UnsafeAppFile):
     """The file is larger than the bound it is read with."""
 
 
+class DirectoryGone(UnsafeAppFile):
+    """The directory a file was to be written in does not exist (any more): nothing was written."""
+
+
 class _Missing(Exception):
     """The path (or a directory on it) does not exist, or a directory on it is a file."""
 
@@ -49,14 +59,42 @@ def read_file(base: Path, relative: str, max_bytes: int, *, setting: str | None 
     limit that raises it, for the message)."""
     try:
         with _opened(base, relative, os.O_RDONLY, follow=True) as fd:
-            size = os.fstat(fd).st_size
-            data = b"" if size > max_bytes else _read_at_most(fd, max_bytes + 1)
+            return b"".join(_chunks(fd, relative, max_bytes, setting))
     except _Missing:
         return None
-    if size > max_bytes or len(data) > max_bytes:
-        raise FileTooLarge(f"{relative} is larger than {byte_size(max_bytes)}" + (
-            f" (an admin can raise the limit with devflow up --{setting.replace('_', '-')})" if setting else ""))
-    return data
+
+
+def file_digest(base: Path, relative: str, max_bytes: int, *, setting: str | None = None) -> str | None:
+    """The SHA-256 (hex) of `base/relative`, read a chunk at a time, or None when it does not exist; refused as
+    `read_file` refuses."""
+    try:
+        with _opened(base, relative, os.O_RDONLY, follow=True) as fd:
+            digest = hashlib.sha256()
+            for chunk in _chunks(fd, relative, max_bytes, setting):
+                digest.update(chunk)
+    except _Missing:
+        return None
+    return digest.hexdigest()
+
+
+def copy_file(base: Path, relative: str, target_base: Path, target: str, max_bytes: int, *,
+              setting: str | None = None) -> str | None:
+    """Copy `base/relative` (read as `read_file` reads) to `target_base/target` (written as `write_file`
+    writes), a chunk at a time; the SHA-256 (hex) of what was copied, or None (nothing written) when the source
+    does not exist."""
+    digest = hashlib.sha256()
+
+    def hashed(chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
+
+    try:
+        with _opened(base, relative, os.O_RDONLY, follow=True) as fd:
+            _replace(target_base, target, hashed(_chunks(fd, relative, max_bytes, setting)))
+    except _Missing:
+        return None
+    return digest.hexdigest()
 
 
 def read_text(base: Path, relative: str, max_bytes: int, *, setting: str | None = None) -> str | None:
@@ -106,26 +144,87 @@ def subdirectories(base: Path, relative: str, max_entries: int) -> list[str]:
 
 
 def write_file(base: Path, relative: str, data: bytes) -> None:
-    """Create or replace `base/relative` (and its directories) without following any link on the way."""
-    with _opened(base, relative, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, follow=False, create_dirs=True) as fd:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+    """Create or replace the regular file `base/relative`, in a directory that must exist, following no link.
+
+    The bytes go to a fresh file (O_EXCL, under a temporary name beside the target) that is then renamed over
+    the name, rather than into whatever inode the name points at: a hard link the app planted there to a file
+    of someone else's (which only fs.protected_hardlinks=1 stops it making) is replaced, never written, and
+    nobody reads a half-written file. A missing directory is refused (`DirectoryGone`), never created."""
+    _replace(base, relative, [data])
 
 
-def open_for_writing(base: Path, relative: str) -> int:
-    """An fd (the caller's to close) of the regular file `base/relative`, created if missing, never through a
-    link: e.g. a lock."""
-    with _opened(base, relative, os.O_WRONLY | os.O_CREAT, follow=False) as fd:
-        return os.dup(fd)
+def lock_file(base: Path, relative: str) -> int:
+    """A read-only fd (the caller's to close, e.g. to flock) of the regular file `base/relative`, created if
+    missing, never through a link. Every build must lock the same inode, so it cannot be replaced as
+    `write_file` replaces: a file with other hard links (one to a file outside the tree, say) is refused."""
+    try:
+        with _opened(base, relative, os.O_RDONLY | os.O_CREAT, follow=False) as fd:
+            if os.fstat(fd).st_nlink > 1:
+                raise UnsafeAppFile(f"{relative} has other hard links: the daemon locks only a file of its own")
+            return os.dup(fd)
+    except _Missing:
+        raise DirectoryGone(f"cannot create {relative}: its directory is gone") from None
 
 
-def _read_at_most(fd: int, count: int) -> bytes:
-    chunks: list[bytes] = []
-    while count > 0 and (chunk := os.read(fd, min(count, 1 << 20))):
-        chunks.append(chunk)
-        count -= len(chunk)
-    return b"".join(chunks)
+def _chunks(fd: int, relative: str, max_bytes: int, setting: str | None) -> Iterator[bytes]:
+    """The file's bytes, a chunk at a time; FileTooLarge past `max_bytes` (a sparse file before any read)."""
+    if os.fstat(fd).st_size > max_bytes:
+        raise _too_large(relative, max_bytes, setting)
+    count = 0
+    while chunk := os.read(fd, min(CHUNK_BYTES, max_bytes + 1 - count)):
+        count += len(chunk)
+        if count > max_bytes:  # it grew since the fstat
+            raise _too_large(relative, max_bytes, setting)
+        yield chunk
+
+
+def _too_large(relative: str, max_bytes: int, setting: str | None) -> FileTooLarge:
+    return FileTooLarge(f"{relative} is larger than {byte_size(max_bytes)}" + (
+        f" (an admin can raise the limit with devflow up --{setting.replace('_', '-')})" if setting else ""))
+
+
+def _replace(base: Path, relative: str, chunks: Iterable[bytes]) -> None:
+    """`write_file`, from chunks."""
+    parent, name = _split(relative)
+    if name in ("", ".", ".."):
+        raise ValueError(f"{relative!r} does not name a file")
+    try:
+        with _opened(base, parent, 0, follow=False, directory=True) as directory:
+            _refuse_unless_file(name, directory, relative)
+            staging = f".{name[:200]}.{secrets.token_hex(8)}.tmp"
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE, 0o600, dir_fd=directory)
+            try:
+                try:
+                    os.fchmod(fd, 0o644)  # the app's user reads it (a static server, a CA bundle), whatever the umask
+                    for chunk in chunks:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+                os.rename(staging, name, src_dir_fd=directory, dst_dir_fd=directory)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(staging, dir_fd=directory)
+                raise
+    except _Missing:
+        raise DirectoryGone(f"cannot write {relative}: {parent} is gone") from None
+    except IsADirectoryError:  # a directory swapped in since the look
+        raise UnsafeAppFile(f"{relative} is a directory, not a regular file") from None
+
+
+def _refuse_unless_file(name: str, directory: int, shown: str) -> None:
+    """A link or special file where a file is to be written means the app put it there: say so (the rename
+    would replace it harmlessly, but the build is not what the push described)."""
+    try:
+        kind = stat.S_IFMT(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return
+    if kind == stat.S_IFLNK:
+        raise UnsafeAppFile(f"{shown} is a symbolic link where the daemon expects a plain file: commit the file "
+                            "itself")
+    if kind != stat.S_IFREG:
+        _refuse_kind(shown, kind, False, False)
 
 
 def _kind(base: Path, relative: str) -> int | None:
@@ -152,14 +251,14 @@ class _Special(Exception):
 
 @contextmanager
 def _opened(base: Path, relative: str, flags: int, *, follow: bool, directory: bool = False,
-            create_dirs: bool = False, any_kind: bool = False) -> Iterator[int]:
+            any_kind: bool = False) -> Iterator[int]:
     """An fd of `base/relative`, walked from `base` one component at a time (see the module's docstring).
 
     `follow`: a link on the way is resolved inside the tree, else refused. At the end a regular file is
     opened (a directory with `directory`); anything else is refused without being opened, or with
     `any_kind` reported as `_Special`."""
     if PurePosixPath(relative).is_absolute():
-        raise ValueError(f"{relative!r} is not a path inside {base}")
+        raise ValueError(f"{relative!r} is not a path inside the tree")
     try:
         walked = [os.open(base, _DIR)]  # the fds of the directories from base down to where the walk is
     except OSError as exc:
@@ -184,7 +283,7 @@ def _opened(base: Path, relative: str, flags: int, *, follow: bool, directory: b
                 if last and not directory:
                     fd = _open_file(part, walked[-1], flags, shown, any_kind)
                 else:
-                    fd = _open_directory(part, walked[-1], create_dirs and not last)
+                    fd = _open_directory(part, walked[-1])
             except _Link:
                 if not follow:
                     raise UnsafeAppFile(f"{shown} is a symbolic link where the daemon expects a plain "
@@ -252,12 +351,7 @@ def _open_file(name: str, parent: int, flags: int, shown: str, any_kind: bool) -
         raise
 
 
-def _open_directory(name: str, parent: int, create: bool) -> int:
-    if create:
-        try:
-            os.mkdir(name, 0o755, dir_fd=parent)
-        except FileExistsError:
-            pass
+def _open_directory(name: str, parent: int) -> int:
     try:
         return os.open(name, _DIR, dir_fd=parent)
     except (FileNotFoundError, NotADirectoryError):

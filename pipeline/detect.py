@@ -2,11 +2,15 @@
 
 Detection only reads files; it never runs tools, so it is cheap and safe to run on any push. It reads them
 the way the daemon reads anything in an app's tree (pipeline.app_owned_files): within the tree, regular
-files only, each within its bound.
+files only, each within its bound. The manifests it parses (package.json, pyproject.toml, go.mod) are bounded
+by max_parsed_manifest_bytes, far below what a lockfile may take: parsing takes many times a document's size
+in memory. Each is parsed here once, and the Detection keeps what the builder needs of it, not the document.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -35,6 +39,16 @@ class DetectError(Exception):
 
 
 @dataclass(frozen=True)
+class NodePackage:
+    """What the build needs of package.json."""
+
+    digest: str  # SHA-256 of the file detected: a build refuses a package.json changed since
+    manifest: bytes  # all of it but the scripts, as canonical JSON: what the installed dependencies depend on
+    scripts: frozenset[str]
+    reads_source: bool  # workspaces or local packages: the install needs the whole app
+
+
+@dataclass(frozen=True)
 class Detection:
     stacks: tuple[str, ...]
     procfile: dict[str, str] = field(default_factory=dict)
@@ -42,6 +56,10 @@ class Detection:
     python_version: str | None = None
     python_version_file: str | None = None
     node_engine: str | None = None
+    node_package: NodePackage | None = None
+    # pyproject.toml's [project] dependencies, when pip installs from it and they are static; None: pip installs
+    # the project itself (`pip install .`), which alone knows them
+    python_dependencies: tuple[str, ...] | None = None
     python_manager: PythonManager | None = None
     node_manager: NodeManager | None = None
     go_module: str | None = None
@@ -65,7 +83,7 @@ class _Detector:
     def has(self, name: str) -> bool:
         return app_owned_files.is_file(self.src, name)
 
-    def read(self, name: str, setting: str | None = "max_manifest_bytes") -> str | None:
+    def read(self, name: str, setting: str | None = "max_parsed_manifest_bytes") -> str | None:
         bound = getattr(self.limits, setting) if setting else MARKER_FILE_BYTES
         return app_owned_files.read_text(self.src, name, bound, setting=setting)
 
@@ -80,10 +98,10 @@ class _Detector:
             notes.append(f"Detected app.json{_app_json_summary(app_json)}")
 
         stacks: list[str] = []
-        python_manager, python_version, python_version_file = self.python(notes)
+        python_manager, python_version, python_version_file, python_dependencies = self.python(notes)
         if python_manager:
             stacks.append("python")
-        node_manager, node_engine = self.node(notes)
+        node_manager, node_engine, node_package = self.node(notes)
         if node_manager:
             stacks.append("node")
         go_mod = self.read("go.mod")
@@ -108,7 +126,8 @@ class _Detector:
         return Detection(
             stacks=tuple(sorted(stacks, key=STACK_ORDER.index)), procfile=procfile,
             app_json=app_json or AppJson(), python_version=python_version, python_version_file=python_version_file,
-            node_engine=node_engine, python_manager=python_manager, node_manager=node_manager, go_module=go_module,
+            node_engine=node_engine, node_package=node_package, python_dependencies=python_dependencies,
+            python_manager=python_manager, node_manager=node_manager, go_module=go_module,
             has_dockerfile=has_dockerfile, notes=notes,
         )
 
@@ -134,8 +153,10 @@ class _Detector:
         text = self.read("pyproject.toml")
         return None if text is None else parse_pyproject(text)
 
-    def python(self, notes: list[str]) -> tuple[PythonManager | None, str | None, str | None]:
-        """The manager follows the most specific file: a lockfile names its tool, requirements.txt means pip."""
+    def python(self, notes: list[str]) -> tuple[PythonManager | None, str | None, str | None,
+                                                  tuple[str, ...] | None]:
+        """The manager follows the most specific file: a lockfile names its tool, requirements.txt means pip.
+        With the version, its file, and the dependencies pip installs from pyproject.toml."""
         pyproject = self.pyproject()
         has = {name: self.has(name) for name in ("uv.lock", "poetry.lock", "Pipfile", "requirements.txt")}
         candidates: list[tuple[str, PythonManager]] = []
@@ -150,7 +171,7 @@ class _Detector:
         if pyproject and ("project" in pyproject or "build-system" in pyproject):
             candidates.append(("pyproject.toml", "pip"))
         if not candidates:
-            return None, None, None
+            return None, None, None, None
         (source, manager), *others = candidates
         version, version_file = self.python_version()
         line = f"Detected Python ({source}, {manager})"
@@ -161,7 +182,8 @@ class _Detector:
         ignored = [name for name, _ in others if name not in read]
         if ignored:
             notes.append(f"Using {source} for Python dependencies; ignoring {', '.join(dict.fromkeys(ignored))}")
-        return manager, version, version_file
+        dependencies = _static_dependencies(pyproject) if pyproject and source == "pyproject.toml" else None
+        return manager, version, version_file, dependencies
 
     def python_version(self) -> tuple[str | None, str | None]:
         """`.python-version` (pyenv, uv) wins over Heroku's older runtime.txt."""
@@ -178,10 +200,10 @@ class _Detector:
             return version, name
         return None, None
 
-    def node(self, notes: list[str]) -> tuple[NodeManager | None, str | None]:
+    def node(self, notes: list[str]) -> tuple[NodeManager | None, str | None, NodePackage | None]:
         text = self.read("package.json")
         if text is None:
-            return None, None
+            return None, None, None
         package = parse_package_json(text)
         engines = package.get("engines", {})
         engine = engines.get("node") if isinstance(engines, dict) else None
@@ -196,7 +218,7 @@ class _Detector:
         if len(lockfiles) > 1:
             notes.append(f"Several lockfiles found; using {lockfiles[0][0]}, ignoring "
                          f"{', '.join(name for name, _ in lockfiles[1:])}")
-        return manager, engine
+        return manager, engine, _node_package(text, package)
 
 
 def parse_package_json(text: str) -> dict[str, Any]:
@@ -217,6 +239,32 @@ def parse_pyproject(text: str) -> dict[str, Any]:
         raise DetectError(f"pyproject.toml is not valid TOML: {exc}") from None
     except RecursionError:  # tomllib recurses into nested arrays and inline tables
         raise DetectError("pyproject.toml nests arrays or tables too deeply") from None
+
+
+def _node_package(text: str, package: dict[str, Any]) -> NodePackage:
+    scripts = package.get("scripts")
+    sections = ("dependencies", "devDependencies", "optionalDependencies")
+    specs = [spec for s in sections if isinstance(package.get(s), dict) for spec in package[s].values()]
+    local = any(isinstance(spec, str) and spec.startswith(("file:", "link:", "workspace:", "portal:", ".", "/"))
+                for spec in specs)
+    # Scripts run from the app's own tree, after the install: they are not part of the dependencies.
+    manifest = json.dumps({k: v for k, v in package.items() if k != "scripts"}, sort_keys=True).encode()
+    return NodePackage(digest=hashlib.sha256(text.encode()).hexdigest(), manifest=manifest,
+                       scripts=frozenset(scripts) if isinstance(scripts, dict) else frozenset(),
+                       reads_source=local or "workspaces" in package)
+
+
+def _static_dependencies(pyproject: dict[str, Any]) -> tuple[str, ...] | None:
+    """The [project] dependencies, when pyproject.toml lists them itself and names the project."""
+    project = pyproject.get("project", {})
+    if not isinstance(project, dict):
+        raise DetectError("pyproject.toml: project must be a table")
+    dynamic, dependencies = project.get("dynamic", []), project.get("dependencies", [])
+    if not all(isinstance(v, list) and all(isinstance(item, str) for item in v) for v in (dynamic, dependencies)):
+        raise DetectError("pyproject.toml: project.dynamic and project.dependencies must be arrays of strings")
+    if "dependencies" in dynamic or "name" not in project:
+        return None
+    return tuple(dependencies)
 
 
 def _app_json_summary(app_json: AppJson) -> str:

@@ -45,9 +45,15 @@ class Limits(BaseModel):
     # what a push or a command describes
     max_procfile_bytes: int = Field(64 * KiB, ge=KiB, description="largest Procfile, in bytes")
     max_app_json_bytes: int = Field(256 * KiB, ge=KiB, description="largest app.json, in bytes")
-    max_manifest_bytes: int = Field(64 * MiB, ge=MiB, description="largest dependency manifest or lockfile a build "
-                                                                  "reads (package-lock.json, requirements.txt with "
-                                                                  "what it includes, go.mod...), in bytes")
+    max_parsed_manifest_bytes: int = Field(1 * MiB, ge=16 * KiB, description="largest dependency manifest the "
+                                                                             "daemon itself parses (package.json, "
+                                                                             "pyproject.toml, go.mod, "
+                                                                             "requirements.txt with what it "
+                                                                             "includes), in bytes")
+    max_manifest_bytes: int = Field(64 * MiB, ge=MiB, description="largest lockfile or other dependency file a build "
+                                                                  "only hashes or copies (package-lock.json, "
+                                                                  "poetry.lock, uv.lock, Pipfile, .npmrc...), in "
+                                                                  "bytes")
     max_process_types: int = Field(32, ge=1, description="most process types one app may declare")
     max_checks_per_type: int = Field(5, ge=1, description="most app.json health checks one process type may have")
     max_check_seconds: float = Field(600.0, gt=0, description="longest one app.json health check may take in all "

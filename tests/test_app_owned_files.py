@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import socket
 import stat
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from pipeline.app_owned_files import (
+    CHUNK_BYTES,
+    DirectoryGone,
+    FileTooLarge,
     UnsafeAppFile,
+    copy_file,
     exists,
+    file_digest,
     is_directory,
     is_file,
-    open_for_writing,
+    lock_file,
     read_file,
     read_text,
     subdirectories,
@@ -36,11 +44,67 @@ def tree(tmp_path: Path) -> Path:
     return app
 
 
-def test_write_creates_directories_and_replaces_a_plain_file(tree: Path) -> None:
-    write_file(tree, ".devflow/server.py", b"one")
-    write_file(tree, ".devflow/server.py", b"two")
-    assert (tree / ".devflow" / "server.py").read_bytes() == b"two"
-    assert read_file(tree, ".devflow/server.py", 10) == b"two"
+def test_write_replaces_a_plain_file_and_leaves_nothing_else(tree: Path) -> None:
+    write_file(tree, "deploy/server.py", b"one")
+    write_file(tree, "deploy/server.py", b"two")
+    assert read_file(tree, "deploy/server.py", 10) == b"two"
+    assert sorted(os.listdir(tree / "deploy")) == ["Procfile", "server.py"]  # no staging file left behind
+    assert stat.S_IMODE((tree / "deploy" / "server.py").stat().st_mode) == 0o644  # the app's user reads it
+
+
+def test_write_creates_no_directory(tree: Path) -> None:
+    """A directory root made in the app's tree would be root's: an entry the app removed must stay removed."""
+    with pytest.raises(DirectoryGone, match="^cannot write .devflow/ready: .devflow is gone$"):
+        write_file(tree, ".devflow/ready", b"{}")
+    with pytest.raises(DirectoryGone):
+        lock_file(tree, "python/entry.lock")
+    assert not (tree / ".devflow").exists() and not (tree / "python").exists()
+
+
+def test_a_hard_link_planted_where_root_writes_is_replaced_not_written(tree: Path) -> None:
+    """With fs.protected_hardlinks=0 an app can link a file of someone else's into its tree: writing through the
+    link would truncate and overwrite that file."""
+    victim = tree.parent / "outside" / "secret"
+    os.link(victim, tree / "deploy" / ".devflow-ready")
+    write_file(tree, "deploy/.devflow-ready", b"{}")
+    assert victim.read_text() == "root only" and victim.stat().st_nlink == 1
+    assert read_file(tree, "deploy/.devflow-ready", 10) == b"{}"
+
+
+def test_a_lock_file_with_other_hard_links_is_refused(tree: Path) -> None:
+    """A lock cannot be replaced (every build must lock the same inode), so one linked to another file is refused
+    rather than held: flock on another tenant's lock file would stall that tenant's builds."""
+    fd = lock_file(tree, "deploy/entry.lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    victim = tree.parent / "outside" / "secret"
+    os.link(victim, tree / "deploy" / "other.lock")
+    with pytest.raises(UnsafeAppFile, match="^deploy/other.lock has other hard links"):
+        lock_file(tree, "deploy/other.lock")
+
+
+def test_hashing_and_copying_hold_one_chunk_at_a_time(tree: Path) -> None:
+    data = os.urandom(1 << 20) * 48  # 48 MiB
+    (tree / "package-lock.json").write_bytes(data)
+    (tree / "cache").mkdir()
+    expected = hashlib.sha256(data).hexdigest()
+    del data
+    tracemalloc.start()
+    try:
+        assert file_digest(tree, "package-lock.json", 64 << 20) == expected
+        assert copy_file(tree, "package-lock.json", tree, "cache/package-lock.json", 64 << 20) == expected
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * CHUNK_BYTES, peak
+    assert file_digest(tree, "cache/package-lock.json", 64 << 20) == expected
+    assert file_digest(tree, "nowhere", 10) is None
+    assert copy_file(tree, "nowhere", tree, "cache/nowhere", 10) is None and not (tree / "cache" / "nowhere").exists()
+    with pytest.raises(FileTooLarge, match="^package-lock.json is larger than 1 MiB$"):
+        copy_file(tree, "package-lock.json", tree, "cache/small.json", 1 << 20)
+    assert sorted(os.listdir(tree / "cache")) == ["package-lock.json"]  # a refused copy leaves nothing
 
 
 def test_a_missing_file_or_directory_reads_as_none(tree: Path) -> None:
@@ -97,7 +161,7 @@ def test_writes_follow_no_link_at_all(tree: Path, planted: str) -> None:
     with pytest.raises(UnsafeAppFile, match="symbolic link"):
         write_file(tree, relative, b"overwritten")
     with pytest.raises(UnsafeAppFile, match="symbolic link"):
-        open_for_writing(tree, relative)
+        lock_file(tree, relative)
     assert victim.read_text() == "root only"
     assert (tree / "deploy" / "Procfile").read_text() == "web: from deploy\n"
 
@@ -131,9 +195,12 @@ def test_special_files_are_refused_without_being_opened_or_blocking(tree: Path) 
 def test_size_bound_refuses_a_huge_sparse_file_and_names_the_setting(tree: Path) -> None:
     with open(tree / "package-lock.json", "wb") as f:
         f.truncate(GiB)
-    with pytest.raises(UnsafeAppFile, match=r"^package-lock.json is larger than 64 MiB \(an admin can raise "
-                                            r"the limit with devflow up --max-manifest-bytes\)$"):
+    refusal = r"^package-lock.json is larger than 64 MiB \(an admin can raise the limit with devflow up " \
+              r"--max-manifest-bytes\)$"
+    with pytest.raises(UnsafeAppFile, match=refusal):
         read_file(tree, "package-lock.json", 64 * 1024**2, setting="max_manifest_bytes")
+    with pytest.raises(UnsafeAppFile, match=refusal):
+        file_digest(tree, "package-lock.json", 64 * 1024**2, setting="max_manifest_bytes")
     (tree / "runtime.txt").write_bytes(b"x" * 101)
     with pytest.raises(UnsafeAppFile, match="^runtime.txt is larger than 100 bytes$"):
         read_file(tree, "runtime.txt", 100)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -238,6 +240,10 @@ def test_nothing_deployable_says_what_to_add(tmp_path):
     ({"package.json": "[]"}, "package.json must hold a JSON object"),
     ({"package.json": '{"engines": {"node": 20}}'}, "engines.node must be a version range string"),
     ({"pyproject.toml": "[project\n"}, "pyproject.toml is not valid TOML"),
+    ({"pyproject.toml": 'project = "x"\n'}, "pyproject.toml: project must be a table"),
+    ({"pyproject.toml": '[project]\nname = "a"\ndependencies = "flask"\n'},
+     "pyproject.toml: project.dynamic and project.dependencies must be arrays of strings"),
+    ({"pyproject.toml": '[project]\nname = "a"\ndynamic = 3\n'}, "project.dynamic and project.dependencies must"),
     ({"requirements.txt": "", ".python-version": "pypy3.10\n"}, ".python-version: 'pypy3.10' is not a Python version"),
     ({"requirements.txt": "", "runtime.txt": "3.11\n"}, "runtime.txt: '3.11' is not a Python version; write one "
                                                         "like python-3.12"),
@@ -306,10 +312,13 @@ def test_procfile_process_types_are_bounded():
 
 @pytest.mark.parametrize("name, setting, size", [("Procfile", "max_procfile_bytes", "1 KiB"),
                                                  ("app.json", "max_app_json_bytes", "1 KiB"),
-                                                 ("package.json", "max_manifest_bytes", "1 MiB")])
+                                                 ("package.json", "max_parsed_manifest_bytes", "1 MiB"),
+                                                 ("pyproject.toml", "max_parsed_manifest_bytes", "1 MiB"),
+                                                 ("go.mod", "max_parsed_manifest_bytes", "1 MiB")])
 def test_sizes_are_bounded_by_their_setting(tmp_path, name, setting, size):
     limit = 1024 if size == "1 KiB" else 1024**2
-    content = {"Procfile": "web: x\n", "app.json": "{}", "package.json": "{}"}[name]
+    content = {"Procfile": "web: x\n", "app.json": "{}", "package.json": "{}", "pyproject.toml": "[project]\n",
+               "go.mod": "module x\n"}[name]
     (tmp_path / "index.html").write_text("")
     (tmp_path / name).write_text(content + " " * (limit - len(content)))
     detect(tmp_path, Limits(**{setting: limit}))  # right at the limit
@@ -318,6 +327,45 @@ def test_sizes_are_bounded_by_their_setting(tmp_path, name, setting, size):
         detect(tmp_path, Limits(**{setting: limit}))
     assert str(error.value) == (f"{name} is larger than {size} (an admin can raise the limit with devflow up "
                                 f"--{setting.replace('_', '-')})")
+
+
+def test_the_manifests_detection_parses_have_a_bound_of_their_own(tmp_path):
+    """A 64 MiB package.json of short keys took a gigabyte to parse; the lockfiles' bound stays 64 MiB."""
+    assert LIMITS.max_parsed_manifest_bytes == 1024**2 and LIMITS.max_manifest_bytes == 64 * 1024**2
+    with open(tmp_path / "package.json", "wb") as package:
+        package.write(b'{"dependencies":{"a":0')
+        for start in range(0, 6_000_000, 100_000):
+            package.write(b"".join(b',"%x":0' % n for n in range(start, start + 100_000)))
+        package.write(b"}}")
+    assert (tmp_path / "package.json").stat().st_size > 60 * 1024**2
+    tracemalloc.start()
+    try:
+        with pytest.raises(DetectError) as error:
+            detect(tmp_path, LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(error.value) == ("package.json is larger than 1 MiB (an admin can raise the limit with devflow up "
+                                "--max-parsed-manifest-bytes)")
+    assert peak < 1024**2, peak  # refused by its size, before a byte of it is read
+
+
+def test_detection_keeps_what_the_build_needs_of_the_manifests_not_the_documents(tmp_path):
+    package = {"name": "a", "scripts": {"build": "x", "start": "y"}, "dependencies": {"ms": "2"}}
+    text = json.dumps(package)
+    detection = detect(tree(tmp_path / "node", {"package.json": text}), LIMITS)
+    assert detection.node_package is not None
+    assert detection.node_package.digest == hashlib.sha256(text.encode()).hexdigest()
+    assert json.loads(detection.node_package.manifest) == {"name": "a", "dependencies": {"ms": "2"}}
+    assert detection.node_package.scripts == {"build", "start"} and not detection.node_package.reads_source
+    local = detect(tree(tmp_path / "local", {"package.json": '{"dependencies": {"lib": "file:../lib"}}'}), LIMITS)
+    assert local.node_package is not None and local.node_package.reads_source
+    pep621 = '[project]\nname = "a"\nversion = "1"\ndependencies = ["flask>=3"]\n'
+    assert detect(tree(tmp_path / "pep621", {"pyproject.toml": pep621}), LIMITS).python_dependencies == ("flask>=3",)
+    dynamic = '[project]\nname = "a"\ndynamic = ["dependencies"]\n'
+    assert detect(tree(tmp_path / "dynamic", {"pyproject.toml": dynamic}), LIMITS).python_dependencies is None
+    pip = detect(tree(tmp_path / "pip", {"pyproject.toml": pep621, "requirements.txt": ""}), LIMITS)
+    assert pip.python_dependencies is None  # pip installs requirements.txt
 
 
 def test_an_in_tree_link_is_read_and_a_deeply_nested_pyproject_refused(tmp_path):

@@ -23,10 +23,14 @@ from conftest import Daemon, commit, start_daemon, stop_daemon
 APPS = Path(__file__).parent / "apps"
 APP = "planter"
 # Read by the builder after the hand-over: planting there must make the push fail, saying why.
-READ_BY_THE_BUILDER = ("package.json", "package-lock.json", "requirements.txt", "pyproject.toml", ".static")
+READ_BY_THE_BUILDER = ("package.json", "package-lock.json", "requirements.txt", ".static")
 # Read by detection only, before the hand-over, while the tree is still root's: planting there changes nothing.
+# (pip installs requirements.txt: the builder reads pyproject.toml only for uv, Poetry or pip without one.)
 READ_BEFORE_THE_HAND_OVER = ("Procfile", "app.json", ".python-version", "runtime.txt", "go.mod", "yarn.lock",
-                             "pnpm-lock.yaml")
+                             "pnpm-lock.yaml", "pyproject.toml")
+# The bound each is read with: a marker file's, max_manifest_bytes for what is only hashed and copied, and
+# max_parsed_manifest_bytes for what the daemon parses.
+BOUND = {".static": "4 KiB", "package-lock.json": "64 MiB", "package.json": "1 MiB", "requirements.txt": "1 MiB"}
 REFUSAL = {"fifo": "{name} is a FIFO, not a regular file",
            "outside": "{name} is a symbolic link that leads outside the app",
            "huge": "{name} is larger than {size}"}
@@ -137,8 +141,7 @@ def test_a_hostile_file_the_builder_reads_fails_the_push_clearly(scene: Scene, n
     result, planted = attack(scene, f"{name}:{kind}")
     assert planted.endswith(f": {name}:{kind}")
     assert result.returncode != 0
-    size = "4 KiB" if name == ".static" else "64 MiB"  # a marker file's bound, or max_manifest_bytes
-    assert REFUSAL[kind].format(name=name, size=size) in result.stderr, result.stderr
+    assert REFUSAL[kind].format(name=name, size=BOUND[name]) in result.stderr, result.stderr
     assert "the live release v1 keeps serving" in result.stderr
     assert app_get(scene.daemon, "/") == before  # the previous release still answers
     cache = scene.daemon.apps_dir / APP / "cache"

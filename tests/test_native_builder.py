@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from conftest import free_port
 from pipeline.builders import BuildError, BuildResult
 from pipeline.builders.failure_excerpt import failure_excerpt
 from pipeline.app_owned_files import FileTooLarge
+from pipeline.builders import native_impl
 from pipeline.builders.native_impl import (
     NativeBuilder,
     _go_executable_name,
@@ -240,7 +242,7 @@ def test_a_tool_that_cannot_be_run_fails_the_build_with_why(tmp_path):
     src = write(tmp_path / "app", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, "uv.lock": "version = 1\n",
                                    "Procfile": "web: python3 app.py\n"})
     message, _ = build_error(src, tmp_path / "cache", env={"PATH": str(bin_dir)})
-    assert message.startswith(f"cannot run {uv}: the interpreter it names is missing. Builds run as the app's user")
+    assert message.startswith("cannot run uv: the interpreter it names is missing. Builds run as the app's user")
 
 
 def test_default_web_process_needs_one_obvious_wsgi_app(tmp_path):
@@ -266,6 +268,57 @@ def test_default_web_process_needs_one_obvious_wsgi_app(tmp_path):
         assert bool(why) == (command is None), name
     assert "several modules could be the web app (wsgi:application, app:app)" in web(tmp_path / "two")[1]
     assert "no wsgi.py/app.py/main.py/application.py defines a WSGI `app`" in web(tmp_path / "fastapi-is-not-wsgi")[1]
+
+
+def test_a_probe_that_floods_its_output_is_stopped_and_counts_as_failed(tmp_path):
+    """`import django` runs from the app's directory, so it imports the app's own django/: one that prints without
+    end must not fill the daemon's memory. It is stopped past 64 KiB, and Django is taken to be missing."""
+    flood = ("import os, sys\nopen('flood.pid', 'w').write(str(os.getpid()))\nchunk = b'x' * 65536\n"
+             "for _ in range(1024): sys.stdout.buffer.write(chunk)\n")  # 64 MiB, then it would end by itself
+    src = write(tmp_path / "app", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, "django/__init__.py": flood,
+                                   "manage.py": "print('collectstatic ran')\n", "Procfile": "web: python3 app.py\n"})
+    _, lines = build(src, tmp_path / "cache")
+    assert "`python -c 'import django'` printed more than 64 KiB: stopped" in lines
+    assert "collectstatic ran" not in lines and not any("collectstatic" in line for line in commands(lines))
+    pid = int((src / "flood.pid").read_text())
+    assert not Path(f"/proc/{pid}").exists()  # killed (and reaped), not left writing
+
+
+def test_a_probe_that_never_ends_is_stopped_with_what_it_started(tmp_path, monkeypatch):
+    """The timeout covers the whole probe, output and exit: a child that keeps the pipe open ends with it."""
+    monkeypatch.setattr(native_impl, "PROBE_TIMEOUT", 2.0)
+    hang = ("import os, subprocess\nchild = subprocess.Popen(['sleep', '600'])\n"
+            "open('sleeper.pid', 'w').write(str(child.pid))\nprint('imported', flush=True)\nchild.wait()\n")
+    src = write(tmp_path / "app", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, "django/__init__.py": hang,
+                                   "manage.py": "", "Procfile": "web: python3 app.py\n"})
+    _, lines = build(src, tmp_path / "cache")
+    assert "`python -c 'import django'` did not finish within 2 seconds: stopped" in lines
+    sleeper = Path(f"/proc/{int((src / 'sleeper.pid').read_text())}/stat")
+    for _ in range(100):  # SIGKILL is sent; its delivery is the kernel's
+        if not sleeper.exists() or sleeper.read_text().split(") ")[-1].startswith("Z"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the probe's child is still running")
+
+
+def test_the_build_output_names_no_server_path(tmp_path):
+    """Pushers see where things are as the app sees them: the static server runs from the release's own
+    directory (/app for the app's processes), the interpreter is named by its version, tools' paths as <app>
+    and <cache>."""
+    src = write(tmp_path / "site", {"pyproject.toml": NO_DEPENDENCIES_PYPROJECT, ".static": "dist\n",
+                                    "dist/index.html": "from dist"})
+    cache = tmp_path / "cache"
+    result, lines = build(src, cache)
+    assert result.processes == {"web": "python3 -I .devflow/static_server.py dist"}
+    assert "Processes: web: python3 -I .devflow/static_server.py dist" in lines
+    assert any(line.startswith("$ python") and " -m venv --without-pip <cache>/python/" in line for line in lines)
+    assert [line for line in lines if line.startswith("Using Python ")] == [
+        f"Using Python {platform.python_version()}; add a .python-version file to choose the version"]
+    assert not [line for line in lines if str(tmp_path) in line or "/bin/" in line]
+    with serve(src, result) as client:  # from the build directory, as the runtime's processes without /app
+        assert client.get("/").text == "from dist"
+    assert sorted(os.listdir(src / ".devflow")) == ["static_server.py"]
 
 
 def test_requirements_that_read_the_app_tree_are_not_cached(tmp_path):
@@ -335,6 +388,41 @@ def test_concurrent_builds_install_once(tmp_path):
     assert all((tmp_path / f"v{i}" / "node_modules" / "ms").is_dir() for i in range(2))
 
 
+def test_package_json_is_parsed_once_and_must_not_change_after_detection(tmp_path):
+    """The build installs what detection parsed; a package.json the app's processes rewrote since is refused, as
+    is one that goes past its bound (max_parsed_manifest_bytes, not the lockfiles' max_manifest_bytes)."""
+    src = copy_app("node", tmp_path / "app")
+    detection = detect(src, LIMITS)
+    package = json.loads((src / "package.json").read_text())
+    (src / "package.json").write_text(json.dumps({**package, "dependencies": {"left-pad": "1.3.0"}}))
+    message, lines = build_error(src, tmp_path / "cache", detection=detection)
+    assert message == "package.json changed since the push was detected (by the app's own processes?): push again"
+    assert commands(lines) == []
+    with open(src / "package.json", "wb") as f:
+        f.truncate(2 * 1024**2)
+    message, _ = build_error(src, tmp_path / "cache", detection=detection)
+    assert message == ("package.json is larger than 1 MiB (an admin can raise the limit with devflow up "
+                       "--max-parsed-manifest-bytes)")
+
+
+def test_a_cache_entry_removed_during_the_install_is_not_marked_ready(tmp_path):
+    """The app's processes remove the entry while npm installs into it: root must not make it again (it would be
+    root's, holding only the ready marker, reused empty by every later build and not removable by the app)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "node").symlink_to(shutil.which("node"))
+    npm = bin_dir / "npm"  # `npm ci` that ends by removing the directory it installed into
+    npm.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo 10.0.0; exit 0; fi\n'
+                   'if [ "$1" = ci ]; then rm -rf "$PWD"; fi\n')
+    npm.chmod(0o755)
+    src = copy_app("node", tmp_path / "app")
+    message, _ = build_error(src, tmp_path / "cache", env={**BASE_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.defpath}"})
+    assert message.startswith("the cache directory node/")
+    assert message.endswith(" was removed while the dependencies were installed into it (by the app's own "
+                            "processes?), so nothing was cached: push again")
+    assert list((tmp_path / "cache" / "node").iterdir()) == list((tmp_path / "cache" / "node").glob("*.lock"))
+
+
 @pytest.mark.parametrize("manager, lockfile", [("yarn", "yarn.lock"), ("pnpm", "pnpm-lock.yaml")])
 def test_a_missing_node_package_manager_names_what_to_install(tmp_path, manager, lockfile):
     bin_dir = tmp_path / "bin"
@@ -402,10 +490,10 @@ def test_a_step_that_runs_too_long_is_killed(tmp_path):
 def test_a_bad_extra_ca_file_fails_the_build(tmp_path):
     src = copy_app("stdlib", tmp_path / "app")
     message, _ = build_error(src, tmp_path / "cache", NativeBuilder(tmp_path / "missing.pem"))
-    assert message == f"the extra CA file {tmp_path / 'missing.pem'} cannot be read: No such file or directory"
+    assert message == ("the extra CA file (devflow up --extra-ca-certs) cannot be read: No such file or directory")
     (tmp_path / "not-a-cert.pem").write_text("hello\n")
     message, _ = build_error(src, tmp_path / "cache", NativeBuilder(tmp_path / "not-a-cert.pem"))
-    assert message == f"the extra CA file {tmp_path / 'not-a-cert.pem'} holds no PEM certificate"
+    assert message == "the extra CA file (devflow up --extra-ca-certs) holds no PEM certificate"
 
 
 # Go and static sites

@@ -7,6 +7,9 @@ cannot move, so processes run it where it was built, in the cache; node_modules 
 so it is hard-linked into the build. Build tools run app code (setup.py, npm scripts) as the
 app's user, which owns the build and the caches: whatever the daemon reads or writes there goes
 through pipeline.app_owned_files, in a thread, and trees are removed or copied by the app's user.
+What the tools print is read a bounded chunk at a time: probes (whose programs the app controls: `import
+django` imports the app's own package) are stopped past PROBE_OUTPUT_BYTES. Lines the build shows name no
+server path: the app's build directory and cache are shown as <app> and <cache>.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import shutil
 import signal
 import ssl
 import sys
-import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -35,13 +37,19 @@ from pipeline import app_owned_files as owned
 from pipeline import static_server
 from pipeline.builders import BuildError, BuildResult, Sandbox
 from pipeline.builders.failure_excerpt import failure_excerpt
-from pipeline.detect import NODE_LOCKFILES, DetectError, Detection, parse_package_json, parse_pyproject
+from pipeline.detect import NODE_LOCKFILES, DetectError, Detection, NodePackage
 from pipeline.limits import MARKER_FILE_BYTES, MAX_REQUIREMENT_FILES, SCANNED_SOURCE_BYTES, Limits, byte_size
 
 Log = Callable[[str], None]
 
 STEP_TIMEOUT = 30 * 60.0
 PROBE_TIMEOUT = 60.0
+# A version, a path or a list of Go packages: a probe that prints more is stopped, and counts as failed.
+PROBE_OUTPUT_BYTES = 64 * 1024
+# A line of tool output longer than this is shown in pieces; the lines kept for a failure's excerpt are cut to
+# FAILURE_LINE_CHARS (the excerpt shows fewer).
+LINE_BYTES = 64 * 1024
+FAILURE_LINE_CHARS = 1024
 LOCK_POLL = 0.2
 # Cache directories the build tools (running as the app user) fill.
 CACHE_DIRS = ("python", "node", "pip", "npm", "uv", "poetry", "yarn", "go", "pnpm-store", "home")
@@ -109,14 +117,19 @@ class _PythonInstall:
 
     tool: str
     inputs: str  # the files a user edits to change the environment, for the log
-    material: tuple[bytes, ...]
+    material: tuple[str, ...]  # what the environment depends on: texts, or digests of the files
     argv: tuple[str, ...]
     reads_source: bool = False  # local paths or the project itself: the result is not cacheable
 
 
 def _mark_ready(cache: Path, entry: str, **facts: str) -> None:
-    """A cache entry is complete: later builds with the same inputs reuse it."""
-    owned.write_file(cache, f"{entry}/{READY}", json.dumps(facts).encode() + b"\n")
+    """A cache entry is complete: later builds with the same inputs reuse it. An entry removed during the install
+    (by the app's own processes) is not made again: that would be root's directory, empty but marked ready."""
+    try:
+        owned.write_file(cache, f"{entry}/{READY}", json.dumps(facts).encode() + b"\n")
+    except owned.DirectoryGone:
+        raise BuildError(f"the cache directory {entry} was removed while the dependencies were installed into it "
+                         "(by the app's own processes?), so nothing was cached: push again") from None
 
 
 def _make_dir(directory: Path) -> None:
@@ -124,23 +137,36 @@ def _make_dir(directory: Path) -> None:
 
 
 class _Tools:
-    """Runs build tools with the build's environment, streaming their output line by line."""
+    """Runs build tools with the build's environment, streaming their output line by line.
 
-    def __init__(self, env: dict[str, str], log: Log, timeout: float, preexec: Callable[[], None] | None) -> None:
+    `places` maps the server paths of the build's trees to what the log shows instead (`<app>`, `<cache>`)."""
+
+    def __init__(self, env: dict[str, str], log: Log, timeout: float, preexec: Callable[[], None] | None,
+                 places: dict[str, str] | None = None) -> None:
         self.env = env
-        self.log = log
+        self._log = log
         self.timeout = timeout
         self.preexec = preexec
+        # Longest first: a tree's path may begin with another's.
+        self.places = dict(sorted((places or {}).items(), key=lambda place: -len(place[0])))
+
+    def log(self, line: str) -> None:
+        self._log(self._hide(line))
+
+    def _hide(self, text: str) -> str:
+        for path, shown in self.places.items():
+            text = text.replace(path, shown)
+        return text
 
     def which(self, name: str, env: dict[str, str] | None = None) -> str | None:
         return shutil.which(name, path=(env or self.env).get("PATH", os.defpath))
 
     async def run(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
         env = {**self.env, **(env or {})}
-        shown = shlex.join([Path(argv[0]).name, *argv[1:]])
+        shown = self._shown(argv)
         executable = self.which(argv[0], env) if os.sep not in argv[0] else argv[0]
         if executable is None:
-            raise BuildError(f"{argv[0]} is not installed on the build host")
+            raise BuildError(f"{Path(argv[0]).name} is not installed on the build host")
         self.log(f"$ {shown}")
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -153,8 +179,9 @@ class _Tools:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOEXEC) or not cwd.is_dir():
                 raise
             why = "the interpreter it names is missing" if exc.errno == errno.ENOENT else exc.strerror
-            raise BuildError(f"cannot run {executable}: {why}. Builds run as the app's user: the tool, and the "
-                             "interpreter a script names, must be readable and executable by all users") from None
+            raise BuildError(f"cannot run {Path(executable).name}: {why}. Builds run as the app's user: the tool, "
+                             "and the interpreter a script names, must be readable and executable by all "
+                             "users") from None
         tail: deque[str] = deque(maxlen=FAILURE_TAIL_LINES)
         try:
             await asyncio.wait_for(self._pump(proc, tail), self.timeout)
@@ -169,27 +196,30 @@ class _Tools:
             raise BuildError("\n".join([f"`{shown}` failed with exit status {proc.returncode}:", *errors]))
 
     async def _pump(self, proc: asyncio.subprocess.Process, tail: deque[str]) -> None:
+        """The tool's output, a line at a time, however it comes: at most LINE_BYTES of it is held."""
         assert proc.stdout is not None
         pending = b""
-        while chunk := await proc.stdout.read(65536):
+        while chunk := await proc.stdout.read(LINE_BYTES):
             *lines, pending = (pending + chunk).split(b"\n")
-            if len(pending) > 65536:  # a tool that never ends its line still gets heard
-                lines, pending = [*lines, pending], b""
             for line in lines:
                 self._emit(line, tail)
+            while len(pending) >= LINE_BYTES:  # a tool that never ends its line still gets heard
+                self._emit(pending[:LINE_BYTES], tail)
+                pending = pending[LINE_BYTES:]
         if pending:
             self._emit(pending, tail)
         await proc.wait()
 
     def _emit(self, raw: bytes, tail: deque[str]) -> None:
         # A carriage return redraws a progress line: only its last state is worth a log line.
-        text = raw.rstrip().rsplit(b"\r", 1)[-1].decode("utf-8", "replace")
-        self.log(text)
+        text = self._hide(raw.rstrip().rsplit(b"\r", 1)[-1].decode("utf-8", "replace"))
+        self._log(text)
         if text.strip():
-            tail.append(text)
+            tail.append(text[:FAILURE_LINE_CHARS])
 
     async def output(self, argv: list[str], cwd: Path) -> str | None:
-        """A probe's stdout, or None when the program is missing or fails."""
+        """A probe's stdout, or None when the program is missing, fails, prints more than PROBE_OUTPUT_BYTES
+        or takes longer than PROBE_TIMEOUT seconds (then it is killed, with whatever it started)."""
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -197,14 +227,34 @@ class _Tools:
         except OSError:
             return None
         try:
-            stdout, _ = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT)
+            stdout = await asyncio.wait_for(_bounded_output(proc), PROBE_TIMEOUT)
         except TimeoutError:
+            self.log(f"`{self._shown(argv)}` did not finish within {PROBE_TIMEOUT:.0f} seconds: stopped")
             return None
         finally:
             if proc.returncode is None:
                 _kill_group(proc)
                 await proc.wait()
+        if stdout is None:
+            self.log(f"`{self._shown(argv)}` printed more than {byte_size(PROBE_OUTPUT_BYTES)}: stopped")
+            return None
         return stdout.decode("utf-8", "replace").strip() if proc.returncode == 0 else None
+
+    def _shown(self, argv: list[str]) -> str:
+        """The command as the log shows it: the program by its name, the build's trees by theirs."""
+        return self._hide(shlex.join([Path(argv[0]).name, *argv[1:]]))
+
+
+async def _bounded_output(proc: asyncio.subprocess.Process) -> bytes | None:
+    """All of a probe's stdout, once it has exited; None as soon as it goes past PROBE_OUTPUT_BYTES."""
+    assert proc.stdout is not None
+    output = bytearray()
+    while chunk := await proc.stdout.read(PROBE_OUTPUT_BYTES):
+        output += chunk
+        if len(output) > PROBE_OUTPUT_BYTES:
+            return None
+    await proc.wait()
+    return bytes(output)
 
 
 class NativeBuilder:
@@ -240,7 +290,8 @@ class NativeBuilder:
             return src.resolve(), resolved, self._tool_env(env, resolved)
 
         src, cache, tool_env = await asyncio.to_thread(prepare)
-        tools = _Tools(tool_env, log, self.step_timeout, sandbox.preexec if sandbox is not None else None)
+        tools = _Tools(tool_env, log, self.step_timeout, sandbox.preexec if sandbox is not None else None,
+                       places={str(src): "<app>", str(cache): "<cache>"})
         steps = {"node": self._node, "python": self._python, "go": self._go, "static": self._static}
         layers = [await steps[stack](src, detection, cache, tools) for stack in detection.stacks]
         processes = dict(detection.procfile) or _default_processes(layers)
@@ -250,7 +301,7 @@ class NativeBuilder:
         # The primary stack (built last) comes first on the PATH: its python, then node's tools.
         runtime_env["PATH"] = os.pathsep.join([p for layer in reversed(layers) for p in layer.path]
                                               + [tools.env["PATH"]])
-        log(f"Processes: {', '.join(f'{kind}: {command}' for kind, command in processes.items())}")
+        tools.log(f"Processes: {', '.join(f'{kind}: {command}' for kind, command in processes.items())}")
         return BuildResult(processes=processes, env=runtime_env)
 
     # environment
@@ -278,12 +329,14 @@ class NativeBuilder:
 
         The sources come from the daemon's own environment only: root copies them where the app can read them."""
         assert self.extra_ca_file is not None
+        # The push output names the setting, not the file: the admin knows where it is, the pusher need not.
         try:
             extra = self.extra_ca_file.read_text()
         except OSError as exc:
-            raise BuildError(f"the extra CA file {self.extra_ca_file} cannot be read: {exc.strerror}") from None
+            raise BuildError(f"the extra CA file (devflow up --extra-ca-certs) cannot be read: {exc.strerror}") \
+                from None
         if "-----BEGIN CERTIFICATE-----" not in extra:
-            raise BuildError(f"the extra CA file {self.extra_ca_file} holds no PEM certificate")
+            raise BuildError("the extra CA file (devflow up --extra-ca-certs) holds no PEM certificate")
         defaults = ssl.get_default_verify_paths()
         sources = [host.get(k) for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT")]
         sources += [defaults.cafile, defaults.openssl_cafile, _certifi_bundle()]
@@ -291,20 +344,14 @@ class NativeBuilder:
         for source in dict.fromkeys(os.path.realpath(s) for s in sources if s and os.path.isfile(s)):
             parts.append(Path(source).read_text(errors="replace"))
         parts.append(extra)
-        bundle = cache / "ca-bundle.pem"
-        # A fresh, exclusively created file: the app user, who owns the cache, cannot redirect the write.
-        fd, staging = tempfile.mkstemp(dir=cache, prefix="ca-bundle.", suffix=".tmp")
-        os.fchmod(fd, 0o644)  # by fd: the name could be a link by the time a path-based chmod ran
-        with open(fd, "w") as out:
-            out.write("\n".join(part.strip() for part in parts) + "\n")
-        os.replace(staging, bundle)
-        return bundle
+        owned.write_file(cache, "ca-bundle.pem", ("\n".join(part.strip() for part in parts) + "\n").encode())
+        return cache / "ca-bundle.pem"
 
     # python
 
     async def _python(self, src: Path, detection: Detection, cache: Path, tools: _Tools) -> _Layer:
         python, version = await self._interpreter(detection, cache, tools)
-        install = await asyncio.to_thread(self._python_install, src, detection.python_manager or "pip")
+        install = await asyncio.to_thread(self._python_install, src, detection)
         if install.tool != "pip" and tools.which(install.tool) is None:
             raise BuildError(MISSING_TOOL[install.tool])
         if install.reads_source:
@@ -361,44 +408,47 @@ class NativeBuilder:
                              f"The versions the app can use: {have}. To use {minor}, {how}")
         python, version = next(((p, v) for p, v in matching if v == wanted), matching[0])
         if not wanted:
-            tools.log(f"Using Python {version} ({python}); add a .python-version file to choose the version")
+            tools.log(f"Using Python {version}; add a .python-version file to choose the version")
         elif version.startswith(wanted):
-            tools.log(f"Using Python {version} ({python})")
+            tools.log(f"Using Python {version}")
         else:
-            tools.log(f"Using Python {version} ({python}): {wanted} was requested, the same minor version")
+            tools.log(f"Using Python {version}: {wanted} was requested, the same minor version")
         return python, version
 
-    def _python_install(self, src: Path, manager: str) -> _PythonInstall:
-        """What to run and what the environment depends on. Blocking (it reads the app's manifests)."""
-        def read(name: str, required: bool = False) -> bytes:
-            data = owned.read_file(src, name, self.limits.max_manifest_bytes, setting="max_manifest_bytes")
-            if data is None and required:
+    def _python_install(self, src: Path, detection: Detection) -> _PythonInstall:
+        """What to run and what the environment depends on. Blocking (it reads the app's manifests). Lockfiles
+        are hashed a chunk at a time; requirements.txt is read whole (within max_parsed_manifest_bytes): its
+        includes and local paths matter."""
+        def digest(name: str, required: bool = False, setting: str = "max_manifest_bytes") -> str:
+            value = owned.file_digest(src, name, getattr(self.limits, setting), setting=setting)
+            if value is None and required:
                 raise BuildError(f"{name} is gone: it was there when the push was detected")
-            return data or b""
+            return value or ""
 
-        pyproject = read("pyproject.toml")
+        def pyproject() -> str:
+            return digest("pyproject.toml", setting="max_parsed_manifest_bytes")
+
+        manager = detection.python_manager or "pip"
         if manager == "uv":
-            return _PythonInstall("uv", "pyproject.toml and uv.lock", (pyproject, read("uv.lock", True)),
+            return _PythonInstall("uv", "pyproject.toml and uv.lock", (pyproject(), digest("uv.lock", True)),
                                   ("uv", "sync", "--locked", "--no-dev", "--no-install-project"))
         if manager == "poetry":
-            return _PythonInstall("poetry", "pyproject.toml and poetry.lock", (pyproject, read("poetry.lock")),
+            return _PythonInstall("poetry", "pyproject.toml and poetry.lock", (pyproject(), digest("poetry.lock")),
                                   ("poetry", "install", "--only", "main", "--no-root", "--no-interaction", "--no-ansi"))
         if manager == "pipenv":
             if not owned.exists(src, "Pipfile.lock"):
                 raise BuildError("Pipfile found without Pipfile.lock: run `pipenv lock` and commit Pipfile.lock")
-            return _PythonInstall("pipenv", "Pipfile and Pipfile.lock", (read("Pipfile", True), read("Pipfile.lock")),
-                                  ("pipenv", "install", "--deploy"))
+            return _PythonInstall("pipenv", "Pipfile and Pipfile.lock",
+                                  (digest("Pipfile", True), digest("Pipfile.lock")), ("pipenv", "install", "--deploy"))
         if owned.exists(src, "requirements.txt"):
-            texts, uncached = _requirement_files(src, self.limits.max_manifest_bytes)
-            return _PythonInstall("pip", "requirements.txt", tuple(t.encode() for t in texts),
-                                  ("pip", "install", "-r", "requirements.txt"),
+            texts, uncached = _requirement_files(src, self.limits.max_parsed_manifest_bytes)
+            return _PythonInstall("pip", "requirements.txt", tuple(texts), ("pip", "install", "-r", "requirements.txt"),
                                   reads_source=uncached or any(_reads_source(t) for t in texts))
-        project = parse_pyproject(pyproject.decode("utf-8", "replace")).get("project", {})
-        if "dependencies" in project.get("dynamic", []) or "name" not in project:
-            return _PythonInstall("pip", "pyproject.toml", (pyproject,), ("pip", "install", "."), reads_source=True)
-        dependencies = [str(d) for d in project.get("dependencies", [])]
+        dependencies = detection.python_dependencies
+        if dependencies is None:
+            return _PythonInstall("pip", "pyproject.toml", (), ("pip", "install", "."), reads_source=True)
         # Like `uv sync --no-install-project`: the dependencies only; the app runs from its own directory.
-        return _PythonInstall("pip", "the dependencies in pyproject.toml", (json.dumps(dependencies).encode(),),
+        return _PythonInstall("pip", "the dependencies in pyproject.toml", (json.dumps(dependencies),),
                               ("pip", "install", *dependencies) if dependencies else ())
 
     async def _install_python(self, src: Path, venv: Path, python: str, install: _PythonInstall,
@@ -446,18 +496,20 @@ class NativeBuilder:
         manager_version = await tools.output([manager, "--version"], cwd=src) or "unknown"
         engine = f" (package.json engines.node: {detection.node_engine})" if detection.node_engine else ""
         tools.log(f"Using Node.js {node_version}{engine} and {manager} {manager_version}")
-        package, lockfiles, in_place_files = await asyncio.to_thread(self._node_inputs, src, manager)
-        scripts = package.get("scripts") if isinstance(package.get("scripts"), dict) else {}
+        package = detection.node_package
+        assert package is not None  # detected with the node stack
+        files, pnpm_workspace = await asyncio.to_thread(self._node_inputs, src, manager, package)
+        scripts = package.scripts
         script_env = {"NODE_ENV": tools.env.get("NODE_ENV", "production")}
         modern_yarn = manager == "yarn" and not manager_version.startswith("1.")
-        if modern_yarn or _node_reads_source(package) or in_place_files["pnpm-workspace.yaml"]:
+        if modern_yarn or package.reads_source or pnpm_workspace:
             # Workspaces, local packages and Yarn 2+ (its own release and settings in the tree) need the whole app.
             tools.log("Installing Node.js dependencies in place (workspaces, local packages or Yarn 2+ need the "
                       "whole app), without the node_modules cache")
-            await tools.run(_node_install_argv(manager, modern_yarn, bool(lockfiles), cache), cwd=src,
-                            env=NODE_INSTALL_ENV)
+            lockfile = any(name not in NODE_RC_FILES for name, _ in files)
+            await tools.run(_node_install_argv(manager, modern_yarn, lockfile, cache), cwd=src, env=NODE_INSTALL_ENV)
         else:
-            await self._node_modules(src, package, lockfiles, manager, node_version, manager_version, cache, tools)
+            await self._node_modules(src, package, files, manager, node_version, manager_version, cache, tools)
             for hook in NODE_INSTALL_HOOKS:
                 if hook in scripts:
                     await tools.run([manager, "run", hook], cwd=src, env=script_env)
@@ -470,31 +522,33 @@ class NativeBuilder:
                       no_web="No Procfile, and package.json has no \"start\" script (nor is there a server.js): "
                              "add a start script, or a Procfile with a web: line")
 
-    def _node_inputs(self, src: Path, manager: str) -> tuple[dict, list[tuple[str, bytes]], dict[str, bool]]:
-        """package.json, the manager's lockfile and rc files (name, bytes), and which in-place markers exist.
-        Blocking (it reads the app's files)."""
-        bound = self.limits.max_manifest_bytes
-        text = owned.read_text(src, "package.json", bound, setting="max_manifest_bytes")
-        if text is None:
+    def _node_inputs(self, src: Path, manager: str, package: NodePackage) -> tuple[list[tuple[str, str]], bool]:
+        """The manager's lockfile and the rc files (name, digest), and whether pnpm-workspace.yaml exists. Blocking
+        (it reads the app's files). package.json itself was parsed by detection: it must be the same file still."""
+        bounds = self.limits
+        digest = owned.file_digest(src, "package.json", bounds.max_parsed_manifest_bytes,
+                                   setting="max_parsed_manifest_bytes")
+        if digest is None:
             raise BuildError("package.json is gone: it was there when the push was detected")
+        if digest != package.digest:
+            raise BuildError("package.json changed since the push was detected (by the app's own processes?): "
+                             "push again")
         # Whatever is there is read (and refused unless a plain file): a lockfile turned into a FIFO is no reason
         # to install without one.
         lockfile = next((name for name, m in NODE_LOCKFILES if m == manager and owned.exists(src, name)), None)
         files = []
         for name in (lockfile, *NODE_RC_FILES):
-            data = owned.read_file(src, name, bound, setting="max_manifest_bytes") if name else None
-            if data is not None:
-                files.append((name, data))
-        return parse_package_json(text), files, {"pnpm-workspace.yaml": owned.is_file(src, "pnpm-workspace.yaml")}
+            if name and (digest := owned.file_digest(src, name, bounds.max_manifest_bytes,
+                                                     setting="max_manifest_bytes")) is not None:
+                files.append((name, digest))
+        return files, owned.is_file(src, "pnpm-workspace.yaml")
 
-    async def _node_modules(self, src: Path, package: dict, files: list[tuple[str, bytes]], manager: str,
+    async def _node_modules(self, src: Path, package: NodePackage, files: list[tuple[str, str]], manager: str,
                             node_version: str, manager_version: str, cache: Path, tools: _Tools) -> None:
         """Install into a cache directory keyed by the dependency manifest and lockfile, then link it into src."""
         lockfile = next((name for name, _ in files if name not in NODE_RC_FILES), None)
-        # Scripts run from the app's own tree, after the link: they are not part of the dependencies.
-        manifest = json.dumps({k: v for k, v in package.items() if k != "scripts"}, sort_keys=True).encode()
-        entry = "node/" + _digest(node_version, manager, manager_version, manifest,
-                                  *(name.encode() + b"\0" + data for name, data in files))
+        entry = "node/" + _digest(node_version, manager, manager_version, package.manifest,
+                                  *(f"{name}\0{digest}" for name, digest in files))
         inputs = f"package.json dependencies and {lockfile}" if lockfile else "package.json dependencies"
         async with _locked(cache, entry, self.step_timeout):
             if await asyncio.to_thread(owned.is_file, cache, f"{entry}/{READY}"):
@@ -502,11 +556,8 @@ class NativeBuilder:
             else:
                 tools.log(f"Installing Node.js dependencies from {inputs} with {manager}")
                 await _remove(cache, entry, tools)
-                # Made by the app's user: a directory root made under the app's cache would be reached through
-                # whatever the app has turned `node` into by then.
-                if await tools.output(["mkdir", "-p", "--", entry], cwd=cache) is None:
-                    raise BuildError(f"cannot create the cache directory {entry}")
-                await asyncio.to_thread(_write_files, cache, entry, [("package.json", manifest), *files])
+                await _make_directory(cache, entry, tools)
+                await asyncio.to_thread(self._copy_node_inputs, src, cache, entry, package, files)
                 await tools.run(_node_install_argv(manager, False, lockfile is not None, cache), cwd=cache / entry,
                                 env=NODE_INSTALL_ENV)
                 await asyncio.to_thread(_mark_ready, cache, entry, node=node_version, manager=manager)
@@ -515,6 +566,18 @@ class NativeBuilder:
             await _remove(src, "node_modules", tools)
         if await asyncio.to_thread(owned.is_directory, cache, f"{entry}/node_modules"):
             await _link_tree(cache / entry / "node_modules", src / "node_modules", tools)
+
+    def _copy_node_inputs(self, src: Path, cache: Path, entry: str, package: NodePackage,
+                          files: list[tuple[str, str]]) -> None:
+        """What the install in the cache entry reads: the manifest without scripts, the lockfile and rc files,
+        each the very bytes the entry's name was made from. Blocking."""
+        owned.write_file(cache, f"{entry}/package.json", package.manifest)
+        for name, digest in files:
+            copied = owned.copy_file(src, name, cache, f"{entry}/{name}", self.limits.max_manifest_bytes,
+                                     setting="max_manifest_bytes")
+            if copied != digest:
+                raise BuildError(f"{name} {'is gone' if copied is None else 'changed'} while the build read it "
+                                 "(by the app's own processes?): push again")
 
     # go and static sites
 
@@ -548,13 +611,13 @@ class NativeBuilder:
         root = await asyncio.to_thread(_static_root, src)
         tools.log(f"Static site: serving {root}/" if root != "." else "Static site: serving the app's root directory")
         # The server goes into the build, run by the host's python3: the artifact needs nothing of DevFlow's.
-        python = tools.which("python3")
-        if python is None:
+        if tools.which("python3") is None:
             raise BuildError("python3 is not installed on the build host; static sites are served with it")
         target = ".devflow/static_server.py"
+        await _make_directory(src, ".devflow", tools)
         await asyncio.to_thread(_copy_static_server, src, target)
-        server = shlex.join([python, "-I", str(src / target), root])
-        return _Layer(web=server)
+        # Relative to the process's working directory: the release, wherever the process sees it (/app).
+        return _Layer(web=shlex.join(["python3", "-I", target, root]))
 
 
 def _default_processes(layers: list[_Layer]) -> dict[str, str]:
@@ -568,9 +631,11 @@ def _copy_static_server(src: Path, target: str) -> None:
     owned.write_file(src, target, Path(static_server.__file__).read_bytes())
 
 
-def _write_files(base: Path, directory: str, files: list[tuple[str, bytes]]) -> None:
-    for name, data in files:
-        owned.write_file(base, f"{directory}/{name}", data)
+async def _make_directory(base: Path, relative: str, tools: _Tools) -> None:
+    """Made by the app's user, in a tree of the app's: one root made would be root's, a directory the app's user
+    could neither empty nor remove."""
+    if await tools.output(["mkdir", "-p", "--", relative], cwd=base) is None:
+        raise BuildError(f"cannot create the directory {relative}")
 
 
 async def _remove(base: Path, relative: str, tools: _Tools) -> None:
@@ -602,7 +667,7 @@ def _requirement_files(src: Path, budget: int) -> tuple[list[str], bool]:
         except owned.FileTooLarge:
             what = "requirements.txt is" if not texts else "requirements.txt and the files it includes are"
             raise owned.FileTooLarge(f"{what} larger than {byte_size(budget)}{' in all' if texts else ''} (an admin "
-                                     "can raise the limit with devflow up --max-manifest-bytes)") from None
+                                     "can raise the limit with devflow up --max-parsed-manifest-bytes)") from None
         if data is None:
             continue
         left -= len(data)
@@ -689,14 +754,6 @@ def _top_level(src: Path, module: str) -> tuple[set[str], set[str]]:
     return names, imports
 
 
-def _node_reads_source(package: dict) -> bool:
-    sections = ("dependencies", "devDependencies", "optionalDependencies")
-    specs = [spec for s in sections if isinstance(package.get(s), dict) for spec in package[s].values()]
-    local = any(isinstance(spec, str) and spec.startswith(("file:", "link:", "workspace:", "portal:", ".", "/"))
-                for spec in specs)
-    return local or "workspaces" in package
-
-
 def _node_install_argv(manager: str, modern_yarn: bool, has_lockfile: bool, cache: Path) -> list[str]:
     if manager == "yarn":
         return ["yarn", "install", "--immutable"] if modern_yarn else \
@@ -777,7 +834,7 @@ async def _link_tree(source: Path, target: Path, tools: _Tools) -> None:
 @asynccontextmanager
 async def _locked(cache: Path, entry: str, timeout: float) -> AsyncIterator[None]:
     """One build at a time fills a cache entry; the other waits, then reuses it."""
-    lock_fd = await asyncio.to_thread(owned.open_for_writing, cache, f"{entry}.lock")
+    lock_fd = await asyncio.to_thread(owned.lock_file, cache, f"{entry}.lock")
     try:
         for _ in range(int(timeout / LOCK_POLL) + 1):
             try:
