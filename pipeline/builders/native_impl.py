@@ -37,6 +37,7 @@ from pipeline.builders import BuildError, BuildResult, Sandbox
 from pipeline.builders.failure_excerpt import failure_excerpt
 from pipeline.detect import NODE_LOCKFILES, DetectError, Detection, parse_package_json, parse_pyproject
 from pipeline.limits import MARKER_FILE_BYTES, MAX_REQUIREMENT_FILES, SCANNED_SOURCE_BYTES, Limits, byte_size
+from runtime.log_lines import MAX_LINE_BYTES, LineSplitter
 
 Log = Callable[[str], None]
 
@@ -124,13 +125,17 @@ def _make_dir(directory: Path) -> None:
 
 
 class _Tools:
-    """Runs build tools with the build's environment, streaming their output line by line."""
+    """Runs build tools with the build's environment (in `sandbox`, when there is one), streaming their output
+    line by line. `over_memory` says why a tool was killed when the build went over its memory."""
 
-    def __init__(self, env: dict[str, str], log: Log, timeout: float, preexec: Callable[[], None] | None) -> None:
+    def __init__(self, env: dict[str, str], log: Log, timeout: float, sandbox: Sandbox | None,
+                 over_memory: str) -> None:
         self.env = env
         self.log = log
         self.timeout = timeout
-        self.preexec = preexec
+        self.sandbox = sandbox
+        self.preexec = sandbox.preexec if sandbox is not None else None
+        self.over_memory = over_memory
 
     def which(self, name: str, env: dict[str, str] | None = None) -> str | None:
         return shutil.which(name, path=(env or self.env).get("PATH", os.defpath))
@@ -156,6 +161,7 @@ class _Tools:
             raise BuildError(f"cannot run {executable}: {why}. Builds run as the app's user: the tool, and the "
                              "interpreter a script names, must be readable and executable by all users") from None
         tail: deque[str] = deque(maxlen=FAILURE_TAIL_LINES)
+        kills = await self._memory_kills()
         try:
             await asyncio.wait_for(self._pump(proc, tail), self.timeout)
         except TimeoutError:
@@ -166,19 +172,22 @@ class _Tools:
                 await proc.wait()
         if proc.returncode != 0:
             errors = failure_excerpt(tail)
+            if await self._memory_kills() > kills:
+                raise BuildError("\n".join([f"`{shown}` was killed: {self.over_memory}", *errors]))
             raise BuildError("\n".join([f"`{shown}` failed with exit status {proc.returncode}:", *errors]))
+
+    async def _memory_kills(self) -> int:
+        """Processes of the build the kernel killed for its memory so far."""
+        return await asyncio.to_thread(self.sandbox.memory_kills) if self.sandbox is not None else 0
 
     async def _pump(self, proc: asyncio.subprocess.Process, tail: deque[str]) -> None:
         assert proc.stdout is not None
-        pending = b""
-        while chunk := await proc.stdout.read(65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            if len(pending) > 65536:  # a tool that never ends its line still gets heard
-                lines, pending = [*lines, pending], b""
-            for line in lines:
+        lines = LineSplitter()  # a tool that never ends its line still gets heard
+        while chunk := await proc.stdout.read(MAX_LINE_BYTES):
+            for line in lines.feed(chunk):
                 self._emit(line, tail)
-        if pending:
-            self._emit(pending, tail)
+        for line in lines.end():
+            self._emit(line, tail)
         await proc.wait()
 
     def _emit(self, raw: bytes, tail: deque[str]) -> None:
@@ -240,7 +249,8 @@ class NativeBuilder:
             return src.resolve(), resolved, self._tool_env(env, resolved)
 
         src, cache, tool_env = await asyncio.to_thread(prepare)
-        tools = _Tools(tool_env, log, self.step_timeout, sandbox.preexec if sandbox is not None else None)
+        over_memory = str(self.limits.refuse("max_build_memory", "it went over the memory a build may use"))
+        tools = _Tools(tool_env, log, self.step_timeout, sandbox, over_memory)
         steps = {"node": self._node, "python": self._python, "go": self._go, "static": self._static}
         layers = [await steps[stack](src, detection, cache, tools) for stack in detection.stacks]
         processes = dict(detection.procfile) or _default_processes(layers)
