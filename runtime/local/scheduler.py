@@ -27,6 +27,7 @@ from runtime.local.app_user import AppUser, AppUsers, nobody_uid
 from runtime.local.build_sandbox import BuildSandbox
 from runtime.local.cgroups import Cgroups, Limits
 from runtime.local.process_unit import ProcessUnit, Units
+from runtime.local.supervisor_events import EVENTS_SOCKET
 from runtime.local.unit_bounds import UnitBounds, rlimits, supervisor_limits
 from runtime.log_lines import MAX_LINE_BYTES, LineSplitter
 from runtime.process_logs import ProcessLogs
@@ -152,6 +153,7 @@ class LocalScheduler:
         self.bounds = bounds
         self.stop_timeout = stop_timeout
         self.units = Units(cgroups, run_root, run_root.parent / "tasks")
+        self.events = run_root.parent / EVENTS_SOCKET
         self.mount_at = release_mount.mount_point()
         host_path = os.environ.get("PATH", os.defpath)
         self.shims = python_shims.install(shims, self._usable(host_path)) if shims else None
@@ -195,6 +197,7 @@ class LocalScheduler:
             "startup_output": str(instance.directory / STARTUP_OUTPUT),
             "launch": str(instance.directory / LAUNCH_PLAN), "unit": unit.to_json(), "limits": limits.as_dict(),
             "supervisor_unit": supervisor.to_json() if supervisor else None, "stop_timeout": self.stop_timeout,
+            "events": str(self.events),
         })
 
     def _supervisor_unit(self, instance: Instance, limits: Limits) -> ProcessUnit | None:
@@ -348,6 +351,11 @@ class LocalScheduler:
     def sandbox(self, app: str) -> AppUser | None:
         """The user `app`'s builds and processes run as; None when the daemon is not root (no switch)."""
         return self.users(app) if self.users is not None else None
+
+    def app_uid(self, app: str) -> int:
+        """Blocking: the uid `app`'s processes run as, whose sockets alone may take its traffic."""
+        user = self.sandbox(app)
+        return user.uid if user is not None else os.geteuid()
 
     # builds and one-off processes
 

@@ -21,6 +21,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,12 +52,22 @@ class Supervisor:
         self.pump: threading.Thread | None = None
         self.state = {"supervisor_pid": os.getpid(), "child_pid": None, "state": "starting", "restarts": restarts,
                       "last_exit": None, "started_at": None, "limits": spec.get("limits", {})}
+        self.events: str | None = spec.get("events")
+        self._events = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
 
     def write_status(self, **changes) -> None:
         self.state.update(changes)
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state))
         tmp.replace(self.status_path)
+        self._tell()
+
+    def _tell(self) -> None:
+        """The daemon hears of the change at once (runtime.local.supervisor_events); one that is down, or busy
+        past its socket's queue, reads status.json when it looks."""
+        if self.events:
+            with contextlib.suppress(OSError):
+                self._events.sendto(os.fsencode(self.status_path.parent), self.events)
 
     def log_line(self, text: str) -> None:
         self.log.write(f"{prefix(self.name)}{text}\n".encode())
@@ -195,6 +206,8 @@ class Supervisor:
         self.start_child()
         while True:
             code = self._until_exit()
+            if not self.stopping:  # first of all: the router stops sending it requests, its port being free
+                self.write_status(state="restarting", child_pid=None)
             # What the command started outlives it (a server's workers, a daemonized helper): gone with it, or it
             # keeps the port, and the restarted process cannot bind.
             self._end_unit()
