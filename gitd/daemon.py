@@ -58,6 +58,7 @@ from receivers.push_receiver import PushReceiver
 from runtime.local.app_user import app_users
 from runtime.local.cgroups import Cgroups
 from runtime.local.scheduler import LocalScheduler
+from runtime.local.unit_bounds import UnitBounds
 from runtime.process_logs import ProcessLogs
 from runtime.rollout import Rollout
 from runtime.router.control import ControlError
@@ -161,8 +162,9 @@ class Daemon:
         self.router = RouterProcess(settings.host, settings.router_port, settings.run_dir,
                                     settings.logs_dir / "router.log", uid=router_uid)
         logs = ProcessLogs(settings.logs_dir, self.limits.log_max_bytes)
+        bounds = UnitBounds(self.limits.max_process_memory, self.limits.max_build_memory, self.limits.max_pids_per_app)
         scheduler = LocalScheduler(settings.run_dir / "processes", logs, users=users, cgroups=Cgroups(),
-                                   shims=self.apps_root / ".platform" / "bin")
+                                   shims=self.apps_root / ".platform" / "bin", bounds=bounds)
         self.rollout = Rollout(scheduler, self.router, logs)
         deploy_settings = DeploySettings(sessions)
         self.deployments = Deployments(

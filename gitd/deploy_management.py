@@ -185,12 +185,13 @@ class DeployManagement:
     def resources_set(self, app: str, pairs: list[str]) -> dict:
         self.apps.authorize(self.actor, app, Role.ADMIN)
         with pipeline_errors():
-            self.deploys.deployments.settings.set_resources(app, parse_assignments(pairs, encoded=False))
+            self.deploys.deployments.settings.set_resources(app, parse_assignments(pairs, encoded=False),
+                                                            self.deploys.deployments.limits)
         return {**self.resources(app), **self._restart_if_deployed(app)}
 
     def resources_clear(self, app: str) -> dict:
         self.apps.authorize(self.actor, app, Role.ADMIN)
-        self.deploys.deployments.settings.set_resources(app, {})
+        self.deploys.deployments.settings.set_resources(app, {}, self.deploys.deployments.limits)
         return {**self.resources(app), **self._restart_if_deployed(app)}
 
     def _restart_if_deployed(self, app: str) -> dict:

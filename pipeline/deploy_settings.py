@@ -62,11 +62,14 @@ class DeploySettings:
             row = db.get(AppDeploySettings, app)
             return cgroups.Limits(**row.resources) if row and row.resources else cgroups.Limits()
 
-    def set_resources(self, app: str, values: dict[str, str]) -> cgroups.Limits:
+    def set_resources(self, app: str, values: dict[str, str], bounds: Limits) -> cgroups.Limits:
+        """resources:set: memory within the platform's ceiling per process (--max-process-memory)."""
         try:
             limits = cgroups.Limits.parse(values)
         except ValueError as exc:
             raise PipelineInputError(str(exc)) from None
+        if limits.memory and limits.memory > bounds.max_process_memory:
+            raise bounds.refuse("max_process_memory", f"memory={values['memory']} for each process of {app}")
         with self.sessions.begin() as db:
             self._row(db, app).resources = {} if limits.empty else limits.as_dict()
         return limits

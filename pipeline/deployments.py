@@ -11,6 +11,7 @@ through threads (asyncio.to_thread, ProcessLogs.post), never directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import time
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.app_uids import AppUids
 from pipeline.app_workspace import KEEP_BUILDS, AppWorkspace
-from pipeline.builders import Builder, BuildError, BuildResult
+from pipeline.builders import Builder, BuildError, BuildResult, Sandbox
 from pipeline.config_vars import ConfigVars, check_config, check_key, check_value
 from pipeline.deploy_settings import DeploySettings
 from pipeline.deployment_records import DeploymentRecords
@@ -145,42 +146,49 @@ class Deployments:
         the URLs of its submodules, for the pusher."""
         deployment_id = await asyncio.to_thread(self.records.create, app, commit, user)
         say(f"-----> Deployment #{deployment_id} of {app} at {commit[:12]}")
-        build_dir = self.workspace.build_dir(app, deployment_id)
-        started = time.monotonic()
-        try:
-            # A new app's uid is allocated here (host-wide, with an fsync): in a thread, as every lookup.
-            exported = await self.exporter.export(
-                app, commit, object_env, app_dir=self.workspace.root / app, target=build_dir, remotes=remotes,
-                sandbox=await asyncio.to_thread(self.scheduler.sandbox, app),
-                env=await asyncio.to_thread(self.scheduler.base_env, app))
-        except Exception as exc:
-            if not isinstance(exc, DeployFailed):
-                log.exception("exporting %s of %s failed", commit[:12], app)
-                exc = DeployFailed("export", f"internal error ({type(exc).__name__}); the daemon log has the details")
-            await asyncio.to_thread(self.workspace.remove_build, app, deployment_id)
-            await asyncio.to_thread(self.records.fail, deployment_id, "export", exc.message, {})
-            raise exc from None
-        for note in exported.notes:
-            say(f"-----> {note}")
-        self._newest_push[app] = deployment_id  # only an exported push may supersede a queued one
-        timings = {"export": round(time.monotonic() - started, 3)}
-        if detach:
-            task = asyncio.create_task(self._run_detached(app, deployment_id, commit, user, exported, timings))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            say(f"-----> Queued; follow it with: logs {app} -f")
-            return
-        await self._run_push(app, deployment_id, commit, user, exported, timings, say)
+        # The deployment's build unit holds all it runs, from the export's submodule git to the end of its build,
+        # so that is killed whole, also by the next daemon if this one dies; a detached push's task owns it then.
+        async with contextlib.AsyncExitStack() as unit:
+            build_dir = self.workspace.build_dir(app, deployment_id)
+            started = time.monotonic()
+            try:
+                # A new app's uid is allocated here (host-wide, with an fsync): in a thread, as every lookup.
+                build_sandbox = await unit.enter_async_context(self.scheduler.build_sandbox(app, deployment_id))
+                exported = await self.exporter.export(
+                    app, commit, object_env, app_dir=self.workspace.root / app, target=build_dir, remotes=remotes,
+                    sandbox=build_sandbox, env=await asyncio.to_thread(self.scheduler.base_env, app))
+            except Exception as exc:
+                if not isinstance(exc, DeployFailed):
+                    log.exception("exporting %s of %s failed", commit[:12], app)
+                    exc = DeployFailed("export", f"internal error ({type(exc).__name__}); the daemon log has the "
+                                                 "details")
+                await asyncio.to_thread(self.workspace.remove_build, app, deployment_id)
+                await asyncio.to_thread(self.records.fail, deployment_id, "export", exc.message, {})
+                raise exc from None
+            for note in exported.notes:
+                say(f"-----> {note}")
+            self._newest_push[app] = deployment_id  # only an exported push may supersede a queued one
+            timings = {"export": round(time.monotonic() - started, 3)}
+            if detach:
+                task = asyncio.create_task(self._run_detached(app, deployment_id, commit, user, exported, timings,
+                                                              build_sandbox, unit.pop_all()))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                say(f"-----> Queued; follow it with: logs {app} -f")
+                return
+            await self._run_push(app, deployment_id, commit, user, exported, timings, say, build_sandbox)
 
     async def _run_detached(self, app: str, deployment_id: int, commit: str, user: str, exported: ExportedTree,
-                            timings: dict) -> None:
-        try:
-            await self._run_push(app, deployment_id, commit, user, exported, timings, lambda line: None)
-        except DeployFailed as exc:
-            log.info("detached deployment #%s of %s failed: %s", deployment_id, app, exc)
+                            timings: dict, build_sandbox: Sandbox, unit: contextlib.AsyncExitStack) -> None:
+        async with unit:
+            try:
+                await self._run_push(app, deployment_id, commit, user, exported, timings, lambda line: None,
+                                     build_sandbox)
+            except DeployFailed as exc:
+                log.info("detached deployment #%s of %s failed: %s", deployment_id, app, exc)
 
     async def _run_push(self, app: str, deployment_id: int, commit: str, user: str, exported: ExportedTree,
-                        timings: dict, say: Say) -> None:
+                        timings: dict, say: Say, build_sandbox: Sandbox) -> None:
         build_dir = exported.root
 
         def emit(line: str) -> None:
@@ -229,7 +237,7 @@ class Deployments:
                     return DeployFailed("build", str(self.limits.refuse(
                         "max_disk_bytes", f"the builds and caches of {app} take {shown_size(used)}")))
 
-                async with self._builds, self.scheduler.build_sandbox(app, deployment_id) as build_sandbox:
+                async with self._builds:
                     result = await within_disk_limit(self.workspace.root / app, self.limits.max_disk_bytes,
                                                      run_build(), over_disk)
                 timings["build"] = round(time.monotonic() - t, 3)

@@ -42,6 +42,14 @@ class Limits(BaseModel):
                                                                   "may use, in bytes")
     max_submodules: int = Field(64, ge=0, description="most submodules one push may bring, nested ones included")
     submodule_timeout: float = Field(600.0, gt=0, description="seconds one submodule fetch may take")
+    # what each unit of an app (runtime.local.unit_bounds) may use, whatever the app asks for
+    max_process_memory: int = Field(2 * GiB, ge=64 * MiB, description="memory each app process may use with what "
+                                                                      "it starts, and the most resources:set may "
+                                                                      "give it, in bytes")
+    max_build_memory: int = Field(4 * GiB, ge=64 * MiB, description="memory each build, release phase and deploy "
+                                                                    "script may use with what it starts, in bytes")
+    max_pids_per_app: int = Field(4096, ge=32, description="most processes and threads each app process, build or "
+                                                          "release phase may run at once, and the app's user in all")
     # what a push or a command describes
     max_procfile_bytes: int = Field(64 * KiB, ge=KiB, description="largest Procfile, in bytes")
     max_app_json_bytes: int = Field(256 * KiB, ge=KiB, description="largest app.json, in bytes")
@@ -117,7 +125,7 @@ class Limits(BaseModel):
 def _shown(name: str, value: float) -> str:
     if name.endswith("_timeout"):
         return f"{value:g} seconds"
-    return byte_size(int(value)) if name.endswith("_bytes") else f"{value:g}"
+    return byte_size(int(value)) if name.endswith(("_bytes", "_memory")) else f"{value:g}"
 
 
 def byte_size(value: int) -> str:

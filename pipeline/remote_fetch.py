@@ -1,11 +1,15 @@
 """Fetches a network remote (a submodule's URL) as the app's own user, and checks it out into the app's tree.
 
 The daemon never runs git on a URL a user named, nor reads what such a fetch wrote: that repository is the
-app's user's (a process of the app could change it at any moment), so git runs as that user for the fetch,
-for the listing the export plans with, and for the checkout, which waits until the build tree is the user's
-too. git gets nothing of root's: no system or global config, no credentials, no terminal, HOME in the app's
-space, network transports only (GIT_ALLOW_PROTOCOL, protocol.file.allow=never) and ssh in batch mode
-without config. The caller bounds the time (--submodule-timeout) and the repository's size.
+app's user's (a process of the app could change it at any moment), so git runs as that user, in the
+deployment's build unit (killed whole with the build, and by the next daemon if this one dies), for the
+fetch, for the listing the export plans with, and for the checkout, which waits until the build tree is the
+user's too. git gets nothing of root's: no system or global config, no credentials, no terminal, HOME in the
+app's space, network transports only (GIT_ALLOW_PROTOCOL, protocol.file.allow=never) and ssh in batch mode
+without config. What a live process of the app may write in the repository's config cannot make git start
+a command of its choosing beside the transfer (a proxy, hooks, an fsmonitor, an alternate refs command, a
+background gc): command-line settings and environment variables override those keys. The caller bounds the
+time (--submodule-timeout) and the repository's size.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ ALLOWED_PROTOCOLS = "https:http:ssh:git"
 GIT_CONFIG = (
     "-c", "protocol.file.allow=never", "-c", "protocol.ext.allow=never", "-c", "credential.helper=",
     "-c", "core.askPass=", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
-    "-c", "transfer.fsckObjects=true",
+    "-c", "core.alternateRefsCommand=", "-c", "gc.auto=0", "-c", "gc.autoDetach=false",
+    "-c", "maintenance.auto=false", "-c", "transfer.fsckObjects=true",
     # Blobs past this are streamed by git rather than held whole in its memory.
     "-c", "core.bigFileThreshold=8m",
 )
@@ -52,8 +57,8 @@ class TreeEntry:
 
 
 class RemoteFetch:
-    """git as the app's user (`sandbox`; the daemon's own user when it is not root), in `scratch`, which
-    `prepare` makes the user's."""
+    """git in `sandbox` (the deployment's build unit, as the app's user; the daemon's own user when it is not
+    root), in `scratch`, which `prepare` makes the user's."""
 
     def __init__(self, scratch: Path, sandbox: Sandbox | None, env: dict[str, str]) -> None:
         self.scratch = scratch
@@ -65,6 +70,8 @@ class RemoteFetch:
             "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false",
             "SSH_ASKPASS": "/bin/false", "GIT_ALLOW_PROTOCOL": ALLOWED_PROTOCOLS, "GIT_PROTOCOL_FROM_USER": "0",
             "GIT_SSH_COMMAND": SSH_COMMAND, "GIT_SSH_VARIANT": "ssh",
+            # core.gitProxy takes its first match, so a repository's own wins over `-c`; this variable wins over both.
+            "GIT_PROXY_COMMAND": "",
         }
 
     def prepare(self) -> None:

@@ -47,19 +47,26 @@ class ProcessLogs:
 
     def write(self, app: str, source: str, text: str) -> None:
         """From a thread: written before this returns."""
+        self.write_lines(app, source, text.splitlines() or [""])
+
+    def write_lines(self, app: str, source: str, lines: list[str]) -> None:
+        """From a thread: several lines (a process's output, read in chunks), a write each, so that the log
+        rotates between two of them."""
+        start = prefix(source)
         with RotatingLog(self.path(app), self.max_bytes) as log:
-            log.write(_lines(source, text))
+            for line in lines:
+                log.write(f"{start}{line}\n".encode())
 
     def post(self, app: str, source: str, text: str, deployment_id: int | None = None) -> None:
         """From the event loop: never blocks. The log thread writes posted lines in order (to the deployment's
         own log too, with its id), so a slow or full disk costs log lines, never the daemon's loop."""
         self._start_writer()
-        entries = [(self.path_of(app), _lines(source, text), True)]
+        entries = [(self.path_of(app), _lines(source, text.splitlines() or [""]), True)]
         if deployment_id is not None:
             entries.append((self.deployment_path(app, deployment_id), (text + "\n").encode(), False))
         if dropped := self._dropped.get(app):
-            entries.insert(0, (self.path_of(app), _lines("devflow", f"[{dropped} lines dropped: written faster "
-                                                                      "than the disk took them]"), True))
+            entries.insert(0, (self.path_of(app), _lines("devflow", [f"[{dropped} lines dropped: written "
+                                                                       "faster than the disk took them]"]), True))
         try:
             for entry in entries:
                 self._posted.put_nowait(entry)
@@ -220,9 +227,9 @@ class ProcessLogs:
             directory.rmdir()
 
 
-def _lines(source: str, text: str) -> bytes:
+def _lines(source: str, lines: list[str]) -> bytes:
     start = prefix(source)
-    return "".join(f"{start}{line}\n" for line in text.splitlines() or [""]).encode()
+    return "".join(f"{start}{line}\n" for line in lines).encode()
 
 
 def _rotated_away(path: Path, fd: int) -> bool:

@@ -1,4 +1,9 @@
-"""Zero-downtime rollout: start the new processes, wait for health, switch the router, drain the old."""
+"""Zero-downtime rollout: start the new processes, wait for health, switch the router, drain the old.
+
+The router sends an app's traffic only to its live web processes that serve (runtime.supervisor_watch: running,
+on a listener of the app's own uid), through sockets of that uid alone (runtime.router.socket_owners); the watch
+has the app routed again whenever that set changes, and one app's route changes are made one at a time.
+"""
 
 from __future__ import annotations
 
@@ -88,8 +93,10 @@ class Rollout:
         self._current: dict[str, set[Instance]] = {}  # app -> the instances of the live rollout
         self._hostnames: dict[str, Sequence[str]] = {}  # app -> the names it answers to, as last set
         self._checks: dict[str, Mapping[str, Sequence[Check]]] = {}  # app -> the live release's health checks
+        self._routing: dict[str, asyncio.Lock] = {}
         self.liveness = LivenessMonitor(logs)
-        self.supervisors = SupervisorWatch(scheduler, lambda: [i for c in self._current.values() for i in c])
+        self.supervisors = SupervisorWatch(scheduler, lambda: [i for c in self._current.values() for i in c],
+                                           self._route)
 
     async def deploy(self, spec: ReleaseSpec, say: Callable[[str], None]) -> Cutover:
         """Route to the new release once it is healthy; raise RolloutFailed, having stopped whatever it started,
@@ -115,6 +122,11 @@ class Rollout:
             for instance in started:
                 if (await asyncio.to_thread(instance.status)).get("state") == "crashed":
                     raise HealthCheckFailed(f"{instance.name} crashed at start")
+            await self.supervisors.observe(web)
+            for instance in web:
+                if instance not in self.supervisors.serving:
+                    raise HealthCheckFailed(f"{instance.name} does not serve on port {instance.port}: it stopped, or "
+                                            "the socket listening there is not its own")
         except HealthCheckFailed as exc:
             # What the new processes said as they started, not what earlier releases logged.
             tail = await asyncio.to_thread(_startup_output, started, 10)
@@ -128,7 +140,7 @@ class Rollout:
         # The new release is live from here, noted before the router has it: a reroute while this waits sends
         # the new processes. The router's changes cannot be taken back, only finished.
         self._note_live(spec.app, spec.version, started, spec.healthchecks)
-        await self.router.set_app(spec.app, hostnames, _upstreams(web))
+        await self._route(spec.app)
         say(f"routing {', '.join(hostnames)} to v{spec.version}" + ("" if web else " (no web process)"))
         return Cutover(self, spec.app, old, started, before)
 
@@ -149,12 +161,14 @@ class Rollout:
         app, before = cutover.app, cutover.before
         running = await asyncio.to_thread(lambda: [i for i in cutover.replaced if i.alive()])
         previous = [i for i in running if i in before.current]
+        await self.supervisors.observe(previous)
         self._note_live(app, before.version, previous, before.checks)
         if before.version is None:
-            await self.router.remove_app(app)
+            async with self._routing_of(app):
+                self._hostnames.pop(app, None)
+                await self.router.remove_app(app)
         else:
-            await self.router.set_app(app, self._hostnames.get(app, ()), _upstreams(
-                i for i in previous if i.process_type == "web"))
+            await self._route(app)
         await asyncio.gather(*(self.scheduler.stop(i) for i in cutover.started), return_exceptions=True)
 
     def _drain(self, old: list[Instance]) -> None:
@@ -190,18 +204,16 @@ class Rollout:
             return False  # none of it runs (nothing is left, or the machine rebooted): it is to start afresh
         stale = [i for i in instances if i not in current]
         self._hostnames[app] = hostnames
+        await self.supervisors.observe(current)
         self._note_live(app, version, current, healthchecks)
-        await self.router.set_app(app, hostnames, _upstreams(i for i in current if i.process_type == "web"
-                                                             and states[i] != "crashed"))
+        await self._route(app)
         self._drain(stale)
         return True
 
     async def reroute(self, app: str, hostnames: Sequence[str]) -> None:
         """New host names for the processes already live (domains:add), and for a rollout under way."""
         self._hostnames[app] = hostnames
-        web = [i for i in self._current.get(app, set()) if i.process_type == "web"]
-        running = await asyncio.to_thread(lambda: [i for i in web if i.state() not in ("stopped", "crashed")])
-        await self.router.set_app(app, hostnames, _upstreams(sorted(running, key=lambda i: i.name)))
+        await self._route(app)
 
     async def stop_app(self, app: str, hostnames: Sequence[str] | None = None) -> None:
         """Stop every process; with `hostnames` the app stays routed (503 until it runs again), else unrouted."""
@@ -210,12 +222,29 @@ class Rollout:
         self._hostnames.pop(app, None)
         self._checks.pop(app, None)
         self.liveness.forget(app)
+        async with self._routing_of(app):
+            if hostnames is None:
+                await self.router.remove_app(app)
+            else:
+                await self.router.set_app(app, hostnames, [])
         if hostnames is None:
-            await self.router.remove_app(app)
-        else:
-            await self.router.set_app(app, hostnames, [])
+            self._routing.pop(app, None)
         instances = await asyncio.to_thread(self.scheduler.instances, app)
         await asyncio.gather(*(self.scheduler.stop(i) for i in instances), return_exceptions=True)
+
+    def _routing_of(self, app: str) -> asyncio.Lock:
+        return self._routing.setdefault(app, asyncio.Lock())
+
+    async def _route(self, app: str) -> None:
+        """The app's host names to its live web processes that serve, each change made from what holds when it
+        is made; nothing for an app that is stopped (stop_app routed it)."""
+        async with self._routing_of(app):
+            if app not in self._hostnames:
+                return
+            web = sorted((i for i in self._current.get(app, ()) if i.process_type == "web"
+                          and i in self.supervisors.serving), key=lambda i: i.name)
+            owner = await asyncio.to_thread(self.scheduler.app_uid, app)
+            await self.router.set_app(app, self._hostnames[app], _upstreams(web), owner)
 
     def processes(self, app: str) -> list[dict]:
         """The live rollout's processes first; older ones still stopping show as draining."""

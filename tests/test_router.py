@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -394,6 +395,20 @@ def test_refused_replica_is_skipped(proxy: RouterThread, apps: tuple[AppServer, 
         responses = [client.get("/") for _ in range(6)]
     assert [r.status_code for r in responses] == [200] * 6
     assert {r.json()["app"] for r in responses} == {"two"}
+
+
+def test_a_replica_whose_port_another_uid_holds_is_skipped(proxy: RouterThread,
+                                                          apps: tuple[AppServer, AppServer]) -> None:
+    """The route names the app's uid: a connection a socket of another uid accepted is not used (that tenant
+    bound the port while the app's process was down), as if it were refused."""
+    mine, theirs = os.geteuid(), os.geteuid() + 1
+    proxy.router.set_app("owned", ["owned.localhost"], [("127.0.0.1", apps[0].port)], owner=theirs)
+    with proxy.client("owned.localhost") as client:
+        assert client.get("/").status_code == 502
+    proxy.router.set_app("owned", ["owned.localhost"], [("127.0.0.1", apps[0].port), ("127.0.0.1", apps[1].port)],
+                         owner=mine)
+    with proxy.client("owned.localhost") as client:
+        assert {client.get("/").json()["app"] for _ in range(4)} == {"one", "two"}
 
 
 def test_balances_round_robin_over_replicas(proxy: RouterThread, apps: tuple[AppServer, AppServer]) -> None:

@@ -8,9 +8,11 @@ that says nothing of what exists on the host.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, commit, free_port, make_repo, start_daemon, stop_daemon
+from conftest import Daemon, commit, free_port, launch, make_repo, start_daemon, stop_daemon
 from test_deploy import add_submodule, app_repo, get, push
+from test_local_runtime import holding
+from test_process_units import wait_until
+
+from pipeline.remote_fetch import RemoteFetch
 
 TIMEOUT = 15  # --submodule-timeout of this module's daemon
 NOT_AN_APP = "is not an app you can read on this DevFlow, nor a network URL (https, http, ssh or git)"
@@ -294,3 +300,66 @@ def test_a_network_submodule_counts_toward_max_app_bytes(tmp_path_factory, lib: 
         assert not any((daemon.apps_dir / "netbig" / "submodules").iterdir())  # nor what the app's user fetched
     finally:
         stop_daemon(daemon)
+
+
+def in_build_unit(daemon: Daemon, pid: int) -> bool:
+    """The process belongs to a deployment's build unit: its cgroup, else a process group its record names."""
+    if "/tasks/build-" in Path(f"/proc/{pid}/cgroup").read_text():
+        return True
+    pgid = os.getpgid(pid)
+    return any(line.split()[:1] == [str(pgid)] for record in (daemon.data / "run" / "tasks").glob("build-*/groups")
+               for line in record.read_text().splitlines())
+
+
+def test_a_daemon_killed_mid_fetch_leaves_no_git_behind(tmp_path_factory) -> None:
+    """The fetch runs in the deployment's build unit: git dies with the daemon, and what it started (git's
+    http helper, waiting on a server that never answers) goes when the next daemon starts."""
+    daemon = start_daemon(tmp_path_factory.mktemp("killed-mid-fetch"))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/stuck.git"
+        repo = make_repo(daemon.work / "midfetch", {"Procfile": "web: python3 -m http.server $PORT\n"})
+        add_submodule(daemon, repo, "vendor/stuck", url, daemon.git("rev-parse", "HEAD", cwd=repo).stdout.strip())
+        pusher = subprocess.Popen(["git", "push", f"{daemon.ssh_url}/midfetch.git", "main"], cwd=repo,
+                                  env=daemon.git_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            fetching = wait_until(lambda: len(holding(url)) >= 2 and holding(url), "git and its http helper")
+            assert all(in_build_unit(daemon, pid) for pid in fetching), fetching
+            daemon.proc.kill()  # kill -9: no cleanup of its own
+            daemon.proc.wait()
+            pusher.wait(timeout=60)
+            launch(daemon)
+            wait_until(lambda: not holding(url), "what the fetch started to be killed")
+            [deploy] = daemon.api().get("apps/midfetch/deploys").json()
+            assert deploy["state"] == "failed" and "the daemon stopped" in deploy["error"]
+        finally:
+            pusher.kill()
+            pusher.wait()
+            for pid in holding(url):  # what a daemon without units would leave
+                os.kill(pid, signal.SIGKILL)
+            stop_daemon(daemon)
+
+
+def test_what_an_app_writes_in_its_scratch_repository_starts_no_command(tmp_path: Path,
+                                                                       git_daemon: tuple[int, Path, Path]) -> None:
+    """A live process of the app may edit the repository its deployment fetches into, between two git commands:
+    none of the keys that make git start a command of their choosing (a proxy for git://, the command that lists
+    an alternate's refs) is taken from it."""
+    port, _, base = git_daemon
+    ran = tmp_path / "ran"
+    command = tmp_path / "command"
+    command.write_text(f"#!/bin/sh\necho \"$0 $*\" >> {ran}\n")
+    command.chmod(0o755)
+    fetch = RemoteFetch(tmp_path / "scratch", None, {"PATH": os.environ["PATH"]})
+    fetch.prepare()
+    git_dir = fetch.scratch / "0.git"
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull}
+    subprocess.run(["git", "init", "-q", "--bare", str(git_dir)], check=True, env=env)
+    for key in ("core.gitProxy", "core.alternateRefsCommand"):
+        subprocess.run(["git", "-C", str(git_dir), "config", key, str(command)], check=True, env=env)
+    (git_dir / "objects" / "info" / "alternates").write_text(f"{base / 'netdeep.git' / 'objects'}\n")
+    sha = subprocess.run(["git", "-C", str(base / "netlib.git"), "rev-parse", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    asyncio.run(fetch.fetch(f"git://127.0.0.1:{port}/netlib.git", sha, git_dir))
+    assert not ran.exists(), ran.read_text()

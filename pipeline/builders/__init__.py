@@ -37,11 +37,15 @@ class Sandbox(Protocol):
     @property
     def preexec(self) -> Callable[[], None]:
         """Runs in each tool's process (leading a process group of its own) before exec: joins the build's unit,
-        switches to the user, and makes the tool die with the daemon."""
+        takes its bounds, switches to the user, and makes the tool die with the daemon."""
         ...
 
     def hand_over(self, directory: Path) -> None:
         """Create `directory` if missing and give it (not its contents) to the user, if there is one."""
+        ...
+
+    def memory_kills(self) -> int:
+        """Blocking: how many of the build's processes the kernel killed so far for going over its memory."""
         ...
 
     def hand_over_tree(self, directory: Path, only_from: int | None = None) -> None:

@@ -39,6 +39,7 @@ from pipeline.builders import BuildError, BuildResult, Sandbox
 from pipeline.builders.failure_excerpt import failure_excerpt
 from pipeline.detect import NODE_LOCKFILES, DetectError, Detection, NodePackage
 from pipeline.limits import MARKER_FILE_BYTES, MAX_REQUIREMENT_FILES, SCANNED_SOURCE_BYTES, Limits, byte_size
+from runtime.log_lines import MAX_LINE_BYTES, LineSplitter
 
 Log = Callable[[str], None]
 
@@ -46,9 +47,8 @@ STEP_TIMEOUT = 30 * 60.0
 PROBE_TIMEOUT = 60.0
 # A version, a path or a list of Go packages: a probe that prints more is stopped, and counts as failed.
 PROBE_OUTPUT_BYTES = 64 * 1024
-# A line of tool output longer than this is shown in pieces; the lines kept for a failure's excerpt are cut to
-# FAILURE_LINE_CHARS (the excerpt shows fewer).
-LINE_BYTES = 64 * 1024
+# A line of tool output longer than MAX_LINE_BYTES is shown in pieces; the lines kept for a failure's excerpt are
+# cut to FAILURE_LINE_CHARS (the excerpt shows fewer).
 FAILURE_LINE_CHARS = 1024
 LOCK_POLL = 0.2
 # Cache directories the build tools (running as the app user) fill.
@@ -137,16 +137,18 @@ def _make_dir(directory: Path) -> None:
 
 
 class _Tools:
-    """Runs build tools with the build's environment, streaming their output line by line.
+    """Runs build tools with the build's environment (in `sandbox`, when there is one), streaming their output
+    line by line. `over_memory` says why a tool was killed when the build went over its memory; `places` maps
+    the server paths of the build's trees to what the log shows instead (`<app>`, `<cache>`)."""
 
-    `places` maps the server paths of the build's trees to what the log shows instead (`<app>`, `<cache>`)."""
-
-    def __init__(self, env: dict[str, str], log: Log, timeout: float, preexec: Callable[[], None] | None,
-                 places: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str], log: Log, timeout: float, sandbox: Sandbox | None,
+                 over_memory: str, places: dict[str, str] | None = None) -> None:
         self.env = env
         self._log = log
         self.timeout = timeout
-        self.preexec = preexec
+        self.sandbox = sandbox
+        self.preexec = sandbox.preexec if sandbox is not None else None
+        self.over_memory = over_memory
         # Longest first: a tree's path may begin with another's.
         self.places = dict(sorted((places or {}).items(), key=lambda place: -len(place[0])))
 
@@ -183,6 +185,7 @@ class _Tools:
                              "and the interpreter a script names, must be readable and executable by all "
                              "users") from None
         tail: deque[str] = deque(maxlen=FAILURE_TAIL_LINES)
+        kills = await self._memory_kills()
         try:
             await asyncio.wait_for(self._pump(proc, tail), self.timeout)
         except TimeoutError:
@@ -193,21 +196,23 @@ class _Tools:
                 await proc.wait()
         if proc.returncode != 0:
             errors = failure_excerpt(tail)
+            if await self._memory_kills() > kills:
+                raise BuildError("\n".join([f"`{shown}` was killed: {self.over_memory}", *errors]))
             raise BuildError("\n".join([f"`{shown}` failed with exit status {proc.returncode}:", *errors]))
 
+    async def _memory_kills(self) -> int:
+        """Processes of the build the kernel killed for its memory so far."""
+        return await asyncio.to_thread(self.sandbox.memory_kills) if self.sandbox is not None else 0
+
     async def _pump(self, proc: asyncio.subprocess.Process, tail: deque[str]) -> None:
-        """The tool's output, a line at a time, however it comes: at most LINE_BYTES of it is held."""
+        """The tool's output, a line at a time, however it comes: at most MAX_LINE_BYTES of it is held."""
         assert proc.stdout is not None
-        pending = b""
-        while chunk := await proc.stdout.read(LINE_BYTES):
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
+        lines = LineSplitter()  # a tool that never ends its line still gets heard
+        while chunk := await proc.stdout.read(MAX_LINE_BYTES):
+            for line in lines.feed(chunk):
                 self._emit(line, tail)
-            while len(pending) >= LINE_BYTES:  # a tool that never ends its line still gets heard
-                self._emit(pending[:LINE_BYTES], tail)
-                pending = pending[LINE_BYTES:]
-        if pending:
-            self._emit(pending, tail)
+        for line in lines.end():
+            self._emit(line, tail)
         await proc.wait()
 
     def _emit(self, raw: bytes, tail: deque[str]) -> None:
@@ -290,7 +295,8 @@ class NativeBuilder:
             return src.resolve(), resolved, self._tool_env(env, resolved)
 
         src, cache, tool_env = await asyncio.to_thread(prepare)
-        tools = _Tools(tool_env, log, self.step_timeout, sandbox.preexec if sandbox is not None else None,
+        over_memory = str(self.limits.refuse("max_build_memory", "it went over the memory a build may use"))
+        tools = _Tools(tool_env, log, self.step_timeout, sandbox, over_memory,
                        places={str(src): "<app>", str(cache): "<cache>"})
         steps = {"node": self._node, "python": self._python, "go": self._go, "static": self._static}
         layers = [await steps[stack](src, detection, cache, tools) for stack in detection.stacks]

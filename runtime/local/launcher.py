@@ -57,18 +57,24 @@ def _default_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-def _limit(name: str, value: int) -> None:
-    kind = getattr(resource, name)
-    _, hard = resource.getrlimit(kind)
-    resource.setrlimit(kind, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
+def rlimit_bounds(rlimits: dict[str, int]) -> list[tuple[int, tuple[int, int]]]:
+    """Each rlimit as (resource, (soft, hard)) at its value, within this process's own hard limit: soft and hard
+    alike, so the command cannot raise it again. A process running as root may set any, before it drops them."""
+    bounds = []
+    for name, value in rlimits.items():
+        kind = getattr(resource, name)
+        hard = resource.getrlimit(kind)[1]
+        capped = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        bounds.append((kind, (capped, capped)))
+    return bounds
 
 
 def launch(plan: dict, parent: int) -> None:
     os.setsid()
     ProcessUnit.from_json(plan["unit"]).join()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    for name, value in plan.get("rlimits", {}).items():
-        _limit(name, value)
+    for kind, limit in rlimit_bounds(plan.get("rlimits", {})):  # before the user changes: it cannot raise them
+        resource.setrlimit(kind, limit)
     cwd = plan["cwd"]
     if plan.get("mount_at"):
         enter(cwd, Path(plan["mount_at"]))

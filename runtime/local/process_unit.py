@@ -48,12 +48,17 @@ class ProcessUnit:
     def join(self) -> None:
         """In a new process before it execs (as root, and leading a process group of its own): it and all it
         starts belong to the unit. Only system calls on prepared bytes, so it may run between fork and exec."""
-        pid = str(os.getpid()).encode()
-        for directory in (*((self.cgroup,) if self.cgroup else ()), *self.limit_cgroups):
-            _write(str(directory / "cgroup.procs"), pid, os.O_WRONLY)
+        pid = self.enter_cgroups()
         if self.cgroup is None:
             entry = pid + b" " + str(_start_time(os.getpid())).encode() + b"\n"
             _write(str(self.record / GROUPS), entry, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+
+    def enter_cgroups(self) -> bytes:
+        """This process (all its threads) into the unit's cgroups, if it has any; returns its pid as written."""
+        pid = str(os.getpid()).encode()
+        for directory in (*((self.cgroup,) if self.cgroup else ()), *self.limit_cgroups):
+            _write(str(directory / "cgroup.procs"), pid, os.O_WRONLY)
+        return pid
 
     def members(self) -> list[int]:
         """The processes in the unit now."""
@@ -72,6 +77,22 @@ class ProcessUnit:
                 os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
             os.truncate(self.record / GROUPS, 0)  # all dead or dying: nothing left to find there
+
+    def memory_kills(self) -> int:
+        """How many of its processes the kernel killed for going over the unit's memory limit."""
+        counters = [d / "memory.oom_control" for d in self.limit_cgroups]  # cgroup v1
+        if self.cgroup is not None:
+            counters.append(self.cgroup / "memory.events")  # cgroup2
+        for counter in counters:
+            try:
+                lines = counter.read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    return int(value)
+        return 0
 
     def remove(self) -> None:
         """The unit's cgroups and record go (kill it first: a cgroup with processes cannot be removed)."""
@@ -133,16 +154,23 @@ class Units:
         self.id = hashlib.sha256(str(run_root).encode()).hexdigest()[:12]
         self.tasks = tasks
 
-    def _unit(self, kind: str, name: str, record: Path, limits: Limits | None = None) -> ProcessUnit:
+    def _unit(self, kind: str, name: str, record: Path, limited: bool) -> ProcessUnit:
+        """`limited`: with cgroup v1's limit cgroups too (cgroup2 holds limits in the unit's own)."""
         tracking = self.cgroups.tracking(self.id, kind, name) if self.cgroups else None
-        limited = self.cgroups is not None and limits is not None and not limits.empty
-        return ProcessUnit(name, record, tracking, self.cgroups.v1_dirs(self.id, name) if limited else ())
+        v1_dirs = self.cgroups.v1_dirs(self.id, name) if self.cgroups is not None and limited else ()
+        return ProcessUnit(name, record, tracking, v1_dirs)
 
     def of_instance(self, app: str, directory: Path, limits: Limits | None = None) -> ProcessUnit:
-        return self._unit("apps", f"{app}.{directory.name}", directory / "unit", limits)
+        return self._unit("apps", f"{app}.{directory.name}", directory / "unit", _limited(limits))
 
-    def of_task(self, name: str) -> ProcessUnit:
-        return self._unit("tasks", name, self.tasks / name)
+    def of_supervisor(self, app: str, directory: Path, limits: Limits) -> ProcessUnit:
+        """Where an instance's supervisor runs: a cgroup of its own, apart from its process's unit (which it
+        kills whole at each exit)."""
+        return self._unit("supervisors", f"{app}.{directory.name}.supervisor", directory / "supervisor-unit",
+                          _limited(limits))
+
+    def of_task(self, name: str, limits: Limits | None = None) -> ProcessUnit:
+        return self._unit("tasks", name, self.tasks / name, _limited(limits))
 
     def create(self, unit: ProcessUnit, limits: Limits | None = None) -> ProcessUnit:
         """Make the unit's record and cgroups (each limit in place) before any process joins."""
@@ -166,14 +194,15 @@ class Units:
             names = sorted(p.name for p in self.tasks.iterdir() if p.is_dir() and not p.is_symlink())
         except FileNotFoundError:
             return []
-        return [self.of_task(name) for name in names]
+        return [self._unit("tasks", name, self.tasks / name, limited=True) for name in names]
 
     def prune(self) -> None:
         """With the daemon stopped and its units gone: its empty cgroup directories go too."""
         if self.cgroups is None:
             return
         base = self.cgroups.tracking(self.id)
-        for directory in (*((base / "apps", base / "tasks", base) if base else ()), *self.cgroups.v1_dirs(self.id)):
+        kinds = (base / "apps", base / "supervisors", base / "tasks", base) if base else ()
+        for directory in (*kinds, *self.cgroups.v1_dirs(self.id)):
             with contextlib.suppress(OSError):
                 directory.rmdir()
 
@@ -181,6 +210,10 @@ class Units:
         if self.cgroups is not None and self.cgroups.unified is not None:
             return f"cgroups under {self.cgroups.unified / self.id}"
         return "process groups (no writable cgroup2 hierarchy)"
+
+
+def _limited(limits: Limits | None) -> bool:
+    return limits is not None and not limits.empty
 
 
 def _write(path: str, data: bytes, flags: int) -> None:

@@ -27,6 +27,9 @@ from runtime.local.app_user import AppUser, AppUsers, nobody_uid
 from runtime.local.build_sandbox import BuildSandbox
 from runtime.local.cgroups import Cgroups, Limits
 from runtime.local.process_unit import ProcessUnit, Units
+from runtime.local.supervisor_events import EVENTS_SOCKET
+from runtime.local.unit_bounds import UnitBounds, rlimits, supervisor_limits
+from runtime.log_lines import MAX_LINE_BYTES, LineSplitter
 from runtime.process_logs import ProcessLogs
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ RESTART_REQUEST = "restart-requested"
 STARTUP_OUTPUT = "startup.log"
 """In an instance's directory: the first lines its process printed, which explain a failed start."""
 LAUNCH_PLAN = "launch.json"
+OPEN_FILES = 65536  # each app process's RLIMIT_NOFILE
 RUN_ONCE_TIMEOUT = 3600.0  # release phase and deploy scripts, as Heroku allows
 ENDED = ("crashed", "stopped")
 """What a supervisor that ends on purpose leaves in status.json; gone without saying either, it died."""
@@ -134,18 +138,22 @@ class Instance:
 
 class LocalScheduler:
     """`run_root` holds a directory per instance; its parent, the daemon's run directory, the records of the
-    units of builds and one-offs (`tasks`). `shims` is where `python` and `pip` are provided for apps."""
+    units of builds and one-offs (`tasks`). `shims` is where `python` and `pip` are provided for apps. `bounds`
+    are the platform's on every unit (None: only what an app asks for)."""
 
     name = "local"
 
     def __init__(self, run_root: Path, logs: ProcessLogs, users: AppUsers | None = None,
-                 cgroups: Cgroups | None = None, stop_timeout: int = 10, shims: Path | None = None) -> None:
+                 cgroups: Cgroups | None = None, stop_timeout: int = 10, shims: Path | None = None,
+                 bounds: UnitBounds | None = None) -> None:
         self.run_root = run_root
         self.logs = logs
         self.users = users
         self.cgroups = cgroups
+        self.bounds = bounds
         self.stop_timeout = stop_timeout
         self.units = Units(cgroups, run_root, run_root.parent / "tasks")
+        self.events = run_root.parent / EVENTS_SOCKET
         self.mount_at = release_mount.mount_point()
         host_path = os.environ.get("PATH", os.defpath)
         self.shims = python_shims.install(shims, self._usable(host_path)) if shims else None
@@ -165,7 +173,8 @@ class LocalScheduler:
                     env: dict[str, str], port: int, limits: Limits | None = None) -> Instance:
         directory = self.run_root / app / f"v{version}-{process_type}.{index}-{secrets.token_hex(3)}"
         instance = Instance(app, version, process_type, index, port, directory)
-        await asyncio.to_thread(self._prepare, instance, command, cwd, env, limits or Limits())
+        limits = self.bounds.of_process(limits or Limits()) if self.bounds else limits or Limits()
+        await asyncio.to_thread(self._prepare, instance, command, cwd, env, limits)
         try:
             await self._launch(instance)
         except BaseException:
@@ -176,11 +185,9 @@ class LocalScheduler:
     def _prepare(self, instance: Instance, command: str, cwd: Path, env: dict[str, str], limits: Limits) -> None:
         instance.directory.mkdir(parents=True)
         unit = self.units.create(self.units.of_instance(instance.app, instance.directory, limits), limits)
-        rlimits = {"RLIMIT_NOFILE": 65536}
-        if limits.memory and not (self.cgroups and self.cgroups.enforces_limits):
-            rlimits["RLIMIT_DATA"] = limits.memory
+        supervisor = self._supervisor_unit(instance, limits)
         _write_private(instance.directory / LAUNCH_PLAN,
-                       self._plan(instance.app, instance.name, command, cwd, env, unit, rlimits))
+                       self._plan(instance.app, instance.name, command, cwd, env, unit, limits))
         _write_private(instance.directory / "spec.json", {
             "app": instance.app, "version": instance.version, "process_type": instance.process_type,
             "index": instance.index, "port": instance.port, "name": instance.name,
@@ -189,21 +196,30 @@ class LocalScheduler:
             "restart_request": str(instance.directory / RESTART_REQUEST),
             "startup_output": str(instance.directory / STARTUP_OUTPUT),
             "launch": str(instance.directory / LAUNCH_PLAN), "unit": unit.to_json(), "limits": limits.as_dict(),
-            "stop_timeout": self.stop_timeout,
+            "supervisor_unit": supervisor.to_json() if supervisor else None, "stop_timeout": self.stop_timeout,
+            "events": str(self.events),
         })
 
+    def _supervisor_unit(self, instance: Instance, limits: Limits) -> ProcessUnit | None:
+        """The supervisor's own cgroup, where cgroups hold limits (runtime.local.unit_bounds.supervisor_limits)."""
+        if not (self.cgroups and self.cgroups.enforces_limits):
+            return None
+        own = supervisor_limits(limits)
+        return self.units.create(self.units.of_supervisor(instance.app, instance.directory, own), own)
+
     def _plan(self, app: str, name: str, command: str, cwd: Path, env: dict[str, str], unit: ProcessUnit,
-              rlimits: dict[str, int] | None = None) -> dict:
+              limits: Limits) -> dict:
         """What runtime.local.launcher does to become `command`."""
         user = self.sandbox(app)
         return {"name": name, "argv": shell_argv(command), "env": env, "cwd": str(cwd),
                 "mount_at": str(self.mount_at) if self.mount_at else None,
                 "user": {"uid": user.uid, "gid": user.gid} if user else None,
-                "rlimits": rlimits or {}, "unit": unit.to_json()}
+                "rlimits": {"RLIMIT_NOFILE": OPEN_FILES, **rlimits(limits, self.cgroups, user is not None)},
+                "unit": unit.to_json()}
 
     async def _launch(self, instance: Instance) -> None:
         # No pipes: the supervisor outlives this call, and a pipe it inherited would never reach EOF.
-        errors = await asyncio.to_thread(self.logs.path(instance.app).open, "ab")
+        errors = await asyncio.to_thread(lambda: self.logs.path(instance.app).open("ab"))  # path() makes its dir
         with errors:
             supervisor = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", SUPERVISOR, str(instance.directory / "spec.json"),
@@ -237,7 +253,10 @@ class LocalScheduler:
             return False
         unit = ProcessUnit.from_json(spec["unit"])
         unit.kill()
-        self.units.create(unit, Limits(**spec["limits"]))  # a reboot since took its cgroups
+        limits = Limits(**spec["limits"])
+        self.units.create(unit, limits)  # a reboot since took its cgroups
+        if spec.get("supervisor_unit"):
+            self.units.create(ProcessUnit.from_json(spec["supervisor_unit"]), supervisor_limits(limits))
         self.logs.write(instance.app, instance.name, f"{why}; what it left was killed, and it starts again")
         return True
 
@@ -278,9 +297,11 @@ class LocalScheduler:
             self._stopping.discard(instance.directory)
 
     def _discard(self, instance: Instance) -> None:
-        unit = self._unit(instance)
-        unit.kill()
-        unit.remove()
+        """What is left of a stopped instance goes: its process's unit, its supervisor's cgroup, its directory."""
+        _end(self._unit(instance))
+        with contextlib.suppress(OSError, ValueError):
+            if supervisor := instance.spec().get("supervisor_unit"):
+                _end(ProcessUnit.from_json(supervisor))
         shutil.rmtree(instance.directory, ignore_errors=True)
 
     def _unit(self, instance: Instance) -> ProcessUnit:
@@ -331,27 +352,39 @@ class LocalScheduler:
         """The user `app`'s builds and processes run as; None when the daemon is not root (no switch)."""
         return self.users(app) if self.users is not None else None
 
+    def app_uid(self, app: str) -> int:
+        """Blocking: the uid `app`'s processes run as, whose sockets alone may take its traffic."""
+        user = self.sandbox(app)
+        return user.uid if user is not None else os.geteuid()
+
     # builds and one-off processes
+
+    def _task_limits(self) -> Limits:
+        return self.bounds.of_task() if self.bounds else Limits()
 
     @asynccontextmanager
     async def build_sandbox(self, app: str, deployment: int) -> AsyncIterator[BuildSandbox]:
         """Where the build of `deployment` runs (pipeline.builders.Sandbox); what it leaves is killed when it ends."""
-        unit = await asyncio.to_thread(self.units.create, self.units.of_task(f"build-{deployment}"))
+        limits = self._task_limits()
+        unit = await asyncio.to_thread(self.units.create, self.units.of_task(f"build-{deployment}", limits), limits)
         try:
-            yield BuildSandbox(unit, await asyncio.to_thread(self.sandbox, app))
+            user = await asyncio.to_thread(self.sandbox, app)
+            yield BuildSandbox(unit, user, rlimits(limits, self.cgroups, user is not None))
         finally:
             await asyncio.to_thread(_end, unit)
 
     async def run_once(self, app: str, name: str, command: str, cwd: Path, env: dict[str, str],
                        say: Callable[[str], None], timeout: float = RUN_ONCE_TIMEOUT) -> int:
-        """A one-off process (release phase, predeploy): output goes to `say` and the app log.
+        """A one-off process (release phase, predeploy): output goes to `say` and the app log, line by line
+        however long its lines (runtime.log_lines).
 
-        It runs in a unit of its own: when it exits, what it started goes too; past `timeout` (or when the deploy
-        is cancelled) all of it is killed, and a timeout counts as a failure.
+        It runs in a unit of its own, within the bounds of a build's: when it exits, what it started goes too;
+        past `timeout` (or when the deploy is cancelled) all of it is killed, and a timeout counts as a failure.
         """
-        unit = self.units.of_task(f"{name}-{app}-{secrets.token_hex(3)}")
+        limits = self._task_limits()
+        unit = self.units.of_task(f"{name}-{app}-{secrets.token_hex(3)}", limits)
         plan = unit.record / LAUNCH_PLAN
-        await asyncio.to_thread(self._prepare_task, unit, plan, app, name, command, cwd, env)
+        await asyncio.to_thread(self._prepare_task, unit, limits, plan, app, name, command, cwd, env)
         argv, launcher_env = launcher.command(plan, os.getpid())
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -361,12 +394,19 @@ class LocalScheduler:
             await asyncio.to_thread(_end, unit)
             raise
 
+        async def tell(lines: list[bytes]) -> None:
+            texts = [line.decode(errors="replace") for line in lines]
+            if texts:
+                await asyncio.to_thread(self.logs.write_lines, app, name, texts)
+            for text in texts:
+                say(text)
+
         async def relay() -> None:
             assert proc.stdout is not None
-            while line := await proc.stdout.readline():
-                text = line.decode(errors="replace").rstrip("\n")
-                await asyncio.to_thread(self.logs.write, app, name, text)
-                say(text)
+            lines = LineSplitter()
+            while chunk := await proc.stdout.read(MAX_LINE_BYTES):
+                await tell(lines.feed(chunk))
+            await tell(lines.end())
 
         async def run() -> int:
             output = asyncio.ensure_future(relay())
@@ -376,6 +416,9 @@ class LocalScheduler:
                 await output
             finally:
                 output.cancel()
+            if limits.memory and await asyncio.to_thread(unit.memory_kills):
+                say(f"{name} went over its memory limit of {_size(limits.memory)} and was killed (an admin can "
+                    "raise it with devflow up --max-build-memory)")
             return await proc.wait()
 
         try:
@@ -390,10 +433,10 @@ class LocalScheduler:
             await asyncio.to_thread(_end, unit)
             await proc.wait()
 
-    def _prepare_task(self, unit: ProcessUnit, plan: Path, app: str, name: str, command: str, cwd: Path,
-                      env: dict[str, str]) -> None:
-        self.units.create(unit)
-        _write_private(plan, self._plan(app, name, command, cwd, env, unit))
+    def _prepare_task(self, unit: ProcessUnit, limits: Limits, plan: Path, app: str, name: str, command: str,
+                      cwd: Path, env: dict[str, str]) -> None:
+        self.units.create(unit, limits)
+        _write_private(plan, self._plan(app, name, command, cwd, env, unit, limits))
 
     async def stop_leftover_tasks(self) -> None:
         """At daemon start: the builds and one-offs a previous daemon left (it was killed, or the machine went

@@ -10,6 +10,8 @@ runtime.local.launcher, and dies with its supervisor (PR_SET_PDEATHSIG). The sup
 child subreaper: what the process daemonizes comes back to it rather than to init, so it is
 reaped here and killed with the rest when the process exits. Signals are taken one at a time
 from a blocked set (sigtimedwait), as init does, so no handler runs in the middle of the loop.
+Where cgroups hold limits the supervisor runs in a cgroup of its own (runtime.local.unit_bounds):
+its memory bounded, and the CPU that logging its process's output costs within its process's limit.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from runtime.local import launcher
 from runtime.local.process_unit import ProcessUnit
-from runtime.log_lines import prefix
+from runtime.log_lines import MAX_LINE_BYTES, LineSplitter, prefix
 from runtime.rotating_log import DEFAULT_MAX_BYTES, RotatingLog
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -48,25 +52,46 @@ class Supervisor:
         self.pump: threading.Thread | None = None
         self.state = {"supervisor_pid": os.getpid(), "child_pid": None, "state": "starting", "restarts": restarts,
                       "last_exit": None, "started_at": None, "limits": spec.get("limits", {})}
+        self.events: str | None = spec.get("events")
+        self._events = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
 
     def write_status(self, **changes) -> None:
         self.state.update(changes)
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state))
         tmp.replace(self.status_path)
+        self._tell()
+
+    def _tell(self) -> None:
+        """The daemon hears of the change at once (runtime.local.supervisor_events); one that is down, or busy
+        past its socket's queue, reads status.json when it looks."""
+        if self.events:
+            with contextlib.suppress(OSError):
+                self._events.sendto(os.fsencode(self.status_path.parent), self.events)
 
     def log_line(self, text: str) -> None:
         self.log.write(f"{prefix(self.name)}{text}\n".encode())
 
-    def _pump(self, stream) -> None:
+    def _pump(self, stream: IO[bytes]) -> None:
+        """The process's output into the app log, line by line. The supervisor runs as root, outside its
+        process's unit, so it reads in bounded chunks and cuts endless lines into pieces: what it holds stays
+        bounded whatever the process prints."""
         startup = self._startup_output()
-        for raw in iter(stream.readline, b""):
-            line = raw.rstrip(b"\n") + b"\n"
-            self.log.write(prefix(self.name).encode() + line)
-            if startup is not None:
-                startup = _append_bounded(startup, line)
+        lines = LineSplitter()
+        while chunk := os.read(stream.fileno(), MAX_LINE_BYTES):
+            startup = self._log_lines(lines.feed(chunk), startup)
+        startup = self._log_lines(lines.end(), startup)
         if startup is not None:
             os.close(startup)
+
+    def _log_lines(self, lines: list[bytes], startup: int | None) -> int | None:
+        """A write per line (the log rotates between two); the startup output takes lines until it is full."""
+        start = prefix(self.name).encode()
+        for line in lines:
+            self.log.write(start + line + b"\n")
+            if startup is not None:
+                startup = _append_bounded(startup, line + b"\n")
+        return startup
 
     def _startup_output(self) -> int | None:
         """The instance's startup.log, begun afresh by each start of the process (its own directory is root's)."""
@@ -181,6 +206,8 @@ class Supervisor:
         self.start_child()
         while True:
             code = self._until_exit()
+            if not self.stopping:  # first of all: the router stops sending it requests, its port being free
+                self.write_status(state="restarting", child_pid=None)
             # What the command started outlives it (a server's workers, a daemonized helper): gone with it, or it
             # keeps the port, and the restarted process cannot bind.
             self._end_unit()
@@ -253,6 +280,11 @@ def main() -> int:
     os.close(null_fd)
     os.close(log_fd)
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
+    if spec.get("supervisor_unit"):  # its own cgroup, made by the daemon (runtime.local.unit_bounds)
+        try:
+            ProcessUnit.from_json(spec["supervisor_unit"]).enter_cgroups()
+        except OSError as exc:
+            print(f"devflow: the supervisor of {spec['name']} runs outside its cgroup: {exc}", file=sys.stderr)
     supervisor = Supervisor(spec, _previous_restarts(Path(spec["status"])))
     supervisor.write_status()
     os.write(ready_write, b"1")

@@ -16,8 +16,10 @@ class Router(Protocol):
 
     async def close(self) -> None: ...
 
-    async def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]]) -> None:
+    async def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]],
+                      owner: int | None = None) -> None:
         """Atomically replace the app's host names and healthy web upstreams (host, port); [] upstreams -> 503.
-        Returns once requests go to the new upstreams, so the old ones can be drained."""
+        With `owner`, a connection goes to an upstream only if a socket of that uid accepts it. Returns once
+        requests go to the new upstreams, so the old ones can be drained."""
 
     async def remove_app(self, app: str) -> None: ...

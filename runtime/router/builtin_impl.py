@@ -2,7 +2,8 @@
 its own (runtime.router.standalone, driven by process_impl).
 
 Apps are served at their host names on one port; each request goes to the next healthy web process of
-the app (round-robin), and a replica that refuses the connection is skipped for the next one.
+the app (round-robin), and a replica that refuses the connection, or whose port another uid's socket holds,
+is skipped for the next one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from runtime.router.client import ClientConnection
 from runtime.router.config import RouterConfig
 from runtime.router.pool import UpstreamPool
 from runtime.router.routes import Address, RouteTable
+from runtime.router.socket_owners import SocketOwners
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class BuiltinRouter:
         if self._server is not None:
             raise RuntimeError("the router is already started")
         loop = self._loop = asyncio.get_running_loop()
-        pool = self._pool = UpstreamPool(loop, self.config)
+        pool = self._pool = UpstreamPool(loop, self.config, SocketOwners.open())
 
         def connection() -> ClientConnection:
             return ClientConnection(self.config, self._routes, pool, self._connections)
@@ -84,16 +86,17 @@ class BuiltinRouter:
         self._pool.close()
         await server.wait_closed()
 
-    def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]]) -> None:
-        self._routes.set_app(app, hostnames, upstreams)
+    def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]],
+                owner: int | None = None) -> None:
+        self._routes.set_app(app, hostnames, upstreams, owner)
         self._forget_unrouted()
 
     def remove_app(self, app: str) -> None:
         self._routes.remove_app(app)
         self._forget_unrouted()
 
-    def routes(self) -> dict[str, tuple[tuple[str, ...], tuple[Address, ...]]]:
-        """Every app's host names and upstreams, as set."""
+    def routes(self) -> dict[str, tuple[tuple[str, ...], tuple[Address, ...], int | None]]:
+        """Every app's host names, upstreams and owner, as set."""
         return self._routes.snapshot()
 
     def _forget_unrouted(self) -> None:

@@ -281,7 +281,7 @@ class ClientConnection(asyncio.Protocol):
             max_idle = self._config.pool_idle_timeout
         else:
             max_idle = self._config.safe_reuse_idle
-        conn = self._pool.take(order[0], max_idle)
+        conn = self._pool.take(order[0], max_idle, exchange.route.owner)
         if conn is None:
             self._connecting = self._loop.create_task(self._connect(exchange, order, max_idle))
         else:
@@ -289,10 +289,10 @@ class ClientConnection(asyncio.Protocol):
 
     async def _connect(self, exchange: Exchange, order: tuple[Address, ...], max_idle: float) -> None:
         for address in order:
-            conn = self._pool.take(address, max_idle)
+            conn = self._pool.take(address, max_idle, exchange.route.owner)
             if conn is None:
                 try:
-                    conn = await self._pool.connect(address)
+                    conn = await self._pool.connect(address, exchange.route.owner)
                 except (OSError, TimeoutError) as exc:
                     log.debug("router: %s: cannot connect to %s:%d: %r", exchange.route.app, *address, exc)
                     continue

@@ -33,7 +33,7 @@ WATCH_INTERVAL = 1.0
 STOP_TIMEOUT = 10.0
 """A retiring router finishes requests in flight for up to its shutdown timeout (5 s), then exits."""
 
-Routes = dict[str, tuple[list[str], list[tuple[str, int]]]]
+Routes = dict[str, tuple[list[str], list[tuple[str, int]], int | None]]
 T = TypeVar("T")
 
 
@@ -81,8 +81,9 @@ class RouterProcess:
         finally:
             self._control.shutdown(wait=False)
 
-    async def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]]) -> None:
-        await self._change(self._set, app, list(hostnames), [(str(h), int(p)) for h, p in upstreams])
+    async def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[tuple[str, int]],
+                      owner: int | None = None) -> None:
+        await self._change(self._set, app, list(hostnames), [(str(h), int(p)) for h, p in upstreams], owner)
 
     async def remove_app(self, app: str) -> None:
         await self._change(self._remove, app)
@@ -107,9 +108,9 @@ class RouterProcess:
 
     # on the control thread
 
-    def _set(self, app: str, hostnames: list[str], upstreams: list[tuple[str, int]]) -> None:
-        self._routes[app] = (hostnames, upstreams)
-        self._send("set", app=app, hostnames=hostnames, upstreams=[list(a) for a in upstreams])
+    def _set(self, app: str, hostnames: list[str], upstreams: list[tuple[str, int]], owner: int | None) -> None:
+        self._routes[app] = (hostnames, upstreams, owner)
+        self._send("set", app=app, hostnames=hostnames, upstreams=[list(a) for a in upstreams], owner=owner)
 
     def _remove(self, app: str) -> None:
         self._routes.pop(app, None)
@@ -192,8 +193,8 @@ class RouterProcess:
         client = None
         try:
             client = self._connect(proc)
-            for app, (hostnames, upstreams) in self._routes.items():
-                client.call("set", app=app, hostnames=hostnames, upstreams=[list(a) for a in upstreams])
+            for app, (hostnames, upstreams, owner) in self._routes.items():
+                client.call("set", app=app, hostnames=hostnames, upstreams=[list(a) for a in upstreams], owner=owner)
             reply, _ = client.call("listen", fd=sock.fileno())
         except BaseException:
             if client is not None:
@@ -285,7 +286,8 @@ def _runs_as(pid: int) -> int | None:
 
 
 def _mirror(hello: dict) -> Routes:
-    return {app: (r["hostnames"], [(h, p) for h, p in r["upstreams"]]) for app, r in hello["routes"].items()}
+    return {app: (r["hostnames"], [(h, p) for h, p in r["upstreams"]], r.get("owner"))
+            for app, r in hello["routes"].items()}
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -24,13 +24,15 @@ def normalize_host(host: str) -> str:
 
 
 class Route:
-    """One app and its healthy web upstreams, balanced round-robin."""
+    """One app and its healthy web upstreams, balanced round-robin; `owner`, when known, is the uid whose
+    sockets alone may take its connections (runtime.router.socket_owners)."""
 
-    __slots__ = ("app", "upstreams", "_next")
+    __slots__ = ("app", "upstreams", "owner", "_next")
 
-    def __init__(self, app: str, upstreams: Sequence[Address]) -> None:
+    def __init__(self, app: str, upstreams: Sequence[Address], owner: int | None = None) -> None:
         self.app = app
         self.upstreams: tuple[Address, ...] = tuple((str(host), int(port)) for host, port in upstreams)
+        self.owner = owner
         self._next = 0
 
     def rotation(self) -> tuple[Address, ...]:
@@ -70,9 +72,10 @@ class RouteTable:
                 sent[host] = route
             return route
 
-    def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[Address]) -> None:
+    def set_app(self, app: str, hostnames: Sequence[str], upstreams: Sequence[Address],
+                owner: int | None = None) -> None:
         hosts = tuple(normalize_host(h) for h in hostnames)
-        route = Route(app, upstreams)
+        route = Route(app, upstreams, owner)
         with self._changing:
             for host in hosts:
                 owner = self._table[0].get(host)
@@ -86,8 +89,8 @@ class RouteTable:
         with self._changing:
             self._install({name: entry for name, entry in self._apps.items() if name != app})
 
-    def snapshot(self) -> dict[str, tuple[tuple[str, ...], tuple[Address, ...]]]:
-        return {app: (hosts, route.upstreams) for app, (hosts, route) in self._apps.items()}
+    def snapshot(self) -> dict[str, tuple[tuple[str, ...], tuple[Address, ...], int | None]]:
+        return {app: (hosts, route.upstreams, route.owner) for app, (hosts, route) in self._apps.items()}
 
     def addresses(self) -> set[Address]:
         """Every upstream some app still routes to."""

@@ -78,14 +78,16 @@ class RouterService:
         if op == "ping":
             return {"ok": True}, None
         if op == "hello":
-            routes = {app: {"hostnames": list(hosts), "upstreams": [list(a) for a in upstreams]}
-                      for app, (hosts, upstreams) in self.router.routes().items()}
+            routes = {app: {"hostnames": list(hosts), "upstreams": [list(a) for a in upstreams], "owner": owner}
+                      for app, (hosts, upstreams, owner) in self.router.routes().items()}
             address = [self.router.host, self.router.port] if self.router.listening else None
             return {"ok": True, "version": self.version, "pid": os.getpid(), "listening": address,
                     "routes": routes}, None
         if op == "set":
+            owner = message.get("owner")
             self.router.set_app(str(message["app"]), [str(h) for h in message["hostnames"]],
-                                [(str(h), int(p)) for h, p in message["upstreams"]])
+                                [(str(h), int(p)) for h, p in message["upstreams"]],
+                                int(owner) if owner is not None else None)
             return {"ok": True}, None
         if op == "remove":
             self.router.remove_app(str(message["app"]))

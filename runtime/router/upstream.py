@@ -38,6 +38,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.address = address
         self.transport: asyncio.Transport
         self.exchange: Exchange | None = None
+        self.owner: int | None = None
+        """The uid the route named when this connection was made (and checked against, where the kernel says)."""
         self.reused = False
         self.received = False
         self.idle_since = 0.0
