@@ -68,7 +68,7 @@ async def probe(client: httpx.AsyncClient, instance: Instance, check: Check) -> 
     if not 200 <= status < 400:
         return f"GET {check.path}: HTTP {status}"
     if check.content is not None and check.content not in body.decode(errors="replace"):
-        return f"GET {check.path}: the first {BODY_BYTES // 1024} KiB of the body do not contain {check.content!r}"
+        return f"GET {check.path}: body does not contain {check.content!r} (in its first {BODY_BYTES // 1024} KiB)"
     return None
 
 

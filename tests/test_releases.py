@@ -295,7 +295,7 @@ http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_f
     before = int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:")))
     result = push(live, repo, "endless", check=False)
     after = int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:")))
-    assert result.returncode != 0 and "do not contain 'never in it'" in result.stderr, result.stderr
+    assert result.returncode != 0 and "does not contain 'never in it'" in result.stderr, result.stderr
     assert after - before < 100 * 1024, f"the daemon grew by {(after - before) // 1024} MiB"
 
 
